@@ -1,0 +1,238 @@
+"""Answers from the base and the DPO model out of ONE loaded base (the adapter toggled), and implicit rewards.
+
+The prompt is rendered exactly as training renders it (see `data.as_training_rows`): the model's chat template when
+it has one, else the seed's plain format. Base and DPO answers use the same sampling seed, so any difference comes
+from the adapter, not from the dice.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+from peft import PeftModel
+from transformers import TextIteratorStreamer, set_seed
+from trl.data_utils import common_prefix_length
+
+from .collapse import REFUSAL_PHRASES, measure, summarize
+from .data import SEED_SYSTEM_PROMPT, plain_prompt
+from .models import has_chat_template
+
+# One generation at a time per process: the sampling seed is global to torch, and a CPU has no cores to spare.
+_generate_lock = threading.RLock()
+
+
+@dataclass
+class Sampling:
+    """The seed article's defaults. temperature 0 means greedy."""
+
+    temperature: float = 0.6
+    top_p: float = 0.9
+    max_new_tokens: int = 256
+    seed: int = 0
+    system_prompt: str | None = SEED_SYSTEM_PROMPT
+    repetition_penalty: float = 1.0
+
+    def generate_kwargs(self) -> dict:
+        if self.temperature <= 0:
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens,
+                    "repetition_penalty": self.repetition_penalty}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
+                "max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+
+
+Conversation = str | list[dict]  # one prompt, or the turns so far ending with the user's
+
+
+def _messages(conversation: Conversation, system_prompt: str | None) -> list[dict]:
+    messages = [{"role": "user", "content": conversation}] if isinstance(conversation, str) else list(conversation)
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    return messages
+
+
+def prompt_ids(tokenizer, conversation: Conversation, system_prompt: str | None) -> list[int]:
+    """Token ids of the prompt as DPOTrainer tokenizes it in training, ready for the answer to follow."""
+    if has_chat_template(tokenizer):
+        messages = _messages(conversation, system_prompt)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+    return tokenizer(text=_plain_text(conversation, system_prompt))["input_ids"]
+
+
+def _plain_text(conversation: Conversation, system_prompt: str | None) -> str:
+    if isinstance(conversation, str):
+        return plain_prompt(conversation, system_prompt)
+    turns = [m["content"] for m in conversation if m["role"] != "system"]
+    return plain_prompt("\n".join(turns), system_prompt)
+
+
+def response_ids(tokenizer, conversation: Conversation, response: str, system_prompt: str | None):
+    """(prompt ids, response ids) split where DPOTrainer splits them: at the common prefix, EOS included."""
+    p_ids = prompt_ids(tokenizer, conversation, system_prompt)
+    if has_chat_template(tokenizer):
+        messages = _messages(conversation, system_prompt) + [{"role": "assistant", "content": response}]
+        full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    else:
+        full = tokenizer(text=_plain_text(conversation, system_prompt) + response + tokenizer.eos_token)["input_ids"]
+    cut = common_prefix_length(p_ids, full)
+    return full[:cut], full[cut:]
+
+
+def is_adapted(model) -> bool:
+    return isinstance(model, PeftModel)
+
+
+@contextmanager
+def adapter(model, enabled: bool, name: str | None = None):
+    """Run the block as the DPO model (adapter `name` on) or as the base (every adapter off)."""
+    if not is_adapted(model):
+        if enabled:
+            raise ValueError("this model has no adapter: train one or load one first")
+        yield
+        return
+    if not enabled:
+        with model.disable_adapter():
+            yield
+        return
+    if name is not None and model.active_adapter != name:
+        model.set_adapter(name)
+    yield
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
+    return sorted({*ids, tokenizer.eos_token_id})
+
+
+def generate(model, tokenizer, conversation: Conversation, sampling: Sampling = Sampling(), *, use_adapter: bool,
+             adapter_name: str | None = None) -> str:
+    """One complete answer."""
+    text = ""
+    for text in stream(model, tokenizer, conversation, sampling, use_adapter=use_adapter, adapter_name=adapter_name):
+        pass
+    return text
+
+
+def stream(model, tokenizer, conversation: Conversation, sampling: Sampling = Sampling(), *, use_adapter: bool,
+           adapter_name: str | None = None) -> Iterator[str]:
+    """Yield the answer so far, growing, until the model stops (EOS) or hits `max_new_tokens`."""
+    ids = torch.tensor([prompt_ids(tokenizer, conversation, sampling.system_prompt)], device=model.device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            with _generate_lock, adapter(model, use_adapter, adapter_name), torch.inference_mode():
+                set_seed(sampling.seed)
+                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                               eos_token_id=_eos_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
+                               **sampling.generate_kwargs())
+        except BaseException as e:  # re-raised in the caller's thread
+            errors.append(e)
+            streamer.end()
+
+    was_training = model.training
+    model.eval()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    text = ""
+    try:
+        for piece in streamer:
+            text += piece
+            yield text
+    finally:
+        thread.join()
+        model.train(was_training)
+    if errors:
+        raise errors[0]
+
+
+def generate_batch(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling(), *, use_adapter: bool,
+                   adapter_name: str | None = None, batch_size: int = 16,
+                   progress: Callable[[int], object] | None = None) -> list[str]:
+    """Answers to many prompts, left-padded in batches (much faster than one by one); `progress(n)` after each."""
+    answers = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = [prompt_ids(tokenizer, p, sampling.system_prompt) for p in prompts[start : start + batch_size]]
+            width = max(map(len, chunk))
+            pad = tokenizer.pad_token_id
+            input_ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=model.device)
+            mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=model.device)
+            with _generate_lock, adapter(model, use_adapter, adapter_name), torch.inference_mode():
+                set_seed(sampling.seed)
+                out = model.generate(input_ids=input_ids, attention_mask=mask, eos_token_id=_eos_ids(model, tokenizer),
+                                     pad_token_id=pad, **sampling.generate_kwargs())
+            answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            if progress is not None:
+                progress(len(chunk))
+    finally:
+        model.train(was_training)
+    return answers
+
+
+# ---------------------------------------------------------------- implicit reward
+
+
+@torch.inference_mode()
+def response_logps(model, tokenizer, conversation: Conversation, responses: list[str], system_prompt: str | None,
+                   *, use_adapter: bool, adapter_name: str | None = None) -> list[float]:
+    """log π(y|x) summed over the response tokens (EOS included), one value per response."""
+    out = []
+    with _generate_lock, adapter(model, use_adapter, adapter_name):
+        for response in responses:
+            p, r = response_ids(tokenizer, conversation, response, system_prompt)
+            ids = torch.tensor([p + r], device=model.device)
+            logits = model(input_ids=ids).logits[0, len(p) - 1 : -1].float()
+            targets = ids[0, len(p) :]
+            out.append(torch.log_softmax(logits, -1).gather(-1, targets[:, None]).sum().item())
+    return out
+
+
+def implicit_rewards(model, tokenizer, conversation: Conversation, responses: list[str], beta: float,
+                     system_prompt: str | None, adapter_name: str | None = None) -> list[float]:
+    """DPO's implicit reward r(x, y) = β·(log πθ(y|x) − log πref(y|x)), with πref the base (adapter off)."""
+    policy = response_logps(model, tokenizer, conversation, responses, system_prompt, use_adapter=True,
+                            adapter_name=adapter_name)
+    reference = response_logps(model, tokenizer, conversation, responses, system_prompt, use_adapter=False)
+    return [beta * (p - r) for p, r in zip(policy, reference, strict=True)]
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@dataclass
+class Comparison:
+    prompt: str
+    base: str
+    dpo: str
+    base_measures: dict
+    dpo_measures: dict
+
+
+def evaluate(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling(), *,
+             phrases: tuple[str, ...] = REFUSAL_PHRASES, adapter_name: str | None = None,
+             batch_size: int = 16, progress: Callable[[int], object] | None = None) -> dict:
+    """Both answers to every prompt with their collapse measures, and a summary per side."""
+    base = generate_batch(model, tokenizer, prompts, sampling, use_adapter=False, batch_size=batch_size,
+                          progress=progress)
+    dpo = generate_batch(model, tokenizer, prompts, sampling, use_adapter=True, adapter_name=adapter_name,
+                         batch_size=batch_size, progress=progress)
+    rows = [
+        Comparison(p, b, d, measure(b, phrases).as_dict(), measure(d, phrases).as_dict())
+        for p, b, d in zip(prompts, base, dpo, strict=True)
+    ]
+    return {
+        "sampling": asdict(sampling),
+        "summary": {"base": summarize(base, phrases).as_dict(), "dpo": summarize(dpo, phrases).as_dict()},
+        "rows": [asdict(r) for r in rows],
+    }
+

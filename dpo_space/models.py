@@ -1,0 +1,177 @@
+"""Model presets, the hardware's precision, and loading a base model (4-bit nf4 when asked) with its tokenizer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from .errors import DPOSpaceError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"
+EMBEDDED_DIR = Path(__file__).parent / "embedded_model"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model a user can pick, with the run settings that suit it (overrides of `RunSettings`)."""
+
+    key: str
+    model_id: str
+    label: str
+    needs_gpu: bool
+    settings: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    p.key: p
+    for p in [
+        Preset(
+            EMBEDDED,
+            str(EMBEDDED_DIR),
+            "Embedded tiny Japanese chat model (CPU, offline)",
+            needs_gpu=False,
+            # A tiny model moves little per step at the seed's 5e-5; these settings give the seed's result in
+            # a couple of minutes on two CPU cores (see bench/).
+            settings={"learning_rate": 5e-4, "per_device_train_batch_size": 16, "warmup_steps": 0.1,
+                      "max_length": 256, "load_in_4bit": False},
+            note="Built by `python -m dpo_space build-embedded` from examples/corpus; ships inside the package.",
+        ),
+        Preset(
+            "elyza-8b",
+            "elyza/Llama-3-ELYZA-JP-8B",
+            "ELYZA Llama-3 JP 8B (the seed article's model)",
+            needs_gpu=True,
+            settings={"per_device_train_batch_size": 1, "gradient_accumulation_steps": 4, "max_length": 1024,
+                      "gradient_checkpointing": True},
+            note="4-bit nf4 fits a 16 GB T4 at batch 1 with gradient checkpointing.",
+        ),
+        Preset(
+            "tinyswallow-1.5b",
+            "SakanaAI/TinySwallow-1.5B-Instruct",
+            "TinySwallow 1.5B Instruct (Japanese, small)",
+            needs_gpu=True,
+            settings={"per_device_train_batch_size": 4, "max_length": 1024, "learning_rate": 1e-5},
+        ),
+        Preset(
+            "qwen2.5-0.5b",
+            "Qwen/Qwen2.5-0.5B-Instruct",
+            "Qwen2.5 0.5B Instruct (multilingual, Japanese-capable)",
+            needs_gpu=True,
+            settings={"per_device_train_batch_size": 8, "max_length": 1024, "learning_rate": 1e-5},
+        ),
+    ]
+}
+
+
+def resolve_model_id(name: str) -> str:
+    """A preset key, a Hub id or a local folder, to what `from_pretrained` takes."""
+    preset = PRESETS.get(name)
+    if preset is not None:
+        if preset.key == EMBEDDED and not (EMBEDDED_DIR / "config.json").exists():
+            raise DPOSpaceError("the embedded model is not built yet: run `python -m dpo_space build-embedded`")
+        return preset.model_id
+    return name
+
+
+def preset_for(model_id: str) -> Preset | None:
+    return PRESETS.get(model_id) or next((p for p in PRESETS.values() if p.model_id == model_id), None)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    device: str  # "cuda" or "cpu"
+    name: str
+    precision: str  # "bf16", "fp16" or "fp32": what training and 4-bit compute use
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
+
+
+def detect_hardware() -> Hardware:
+    """bf16 only where the GPU really has it (compute capability 8.0+): a T4 (7.5) reports bf16 "supported" through
+    emulation, which is slow and breaks some kernels, so it gets fp16."""
+    if torch.cuda.is_available():
+        major, _ = torch.cuda.get_device_capability()
+        return Hardware("cuda", torch.cuda.get_device_name(), "bf16" if major >= 8 else "fp16")
+    return Hardware("cpu", "CPU", "fp32")
+
+
+def quantization_config(hardware: Hardware, quant_type: str = "nf4", double_quant: bool = True) -> BitsAndBytesConfig:
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=hardware.dtype,
+    )
+
+
+def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+# Tokens that models ship for padding; the first one found that is not EOS wins.
+_PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<|reserved_special_token_0|>")
+
+
+def fix_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give the tokenizer a pad token that is not EOS where the vocabulary has one, and pad on the left.
+
+    pad = EOS is the seed's choice; it is only harmful where labels are masked by pad id, which teaches the model that
+    EOS is never a target. DPOTrainer masks by length, so EOS stays learned either way, but a distinct pad keeps
+    that true for any other tool a user points at the same tokenizer.
+    """
+    vocab = tokenizer.get_vocab()
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        for candidate in (*_PAD_CANDIDATES, tokenizer.unk_token):
+            if candidate and candidate in vocab and candidate != tokenizer.eos_token:
+                tokenizer.pad_token = candidate
+                break
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation appends on the right
+    return tokenizer
+
+
+def load_tokenizer(model_id: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    return fix_pad_token(AutoTokenizer.from_pretrained(resolve_model_id(model_id), trust_remote_code=trust_remote_code))
+
+
+def load_model(
+    model_id: str,
+    *,
+    load_in_4bit: bool | None = None,
+    hardware: Hardware | None = None,
+    trust_remote_code: bool = False,
+    device_map: Any = None,
+):
+    """Load (model, tokenizer). 4-bit nf4 by default on CUDA; on the CPU full precision unless `load_in_4bit`."""
+    hardware = hardware or detect_hardware()
+    path = resolve_model_id(model_id)
+    if load_in_4bit is None:
+        load_in_4bit = hardware.device == "cuda"
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": hardware.dtype}
+    if load_in_4bit:
+        kwargs["quantization_config"] = quantization_config(hardware)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    elif hardware.device == "cuda":
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    else:
+        kwargs["device_map"] = {"": "cpu"} if load_in_4bit else None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise DPOSpaceError(f"cannot load model {model_id!r}: {e}") from None
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

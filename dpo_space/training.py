@@ -1,0 +1,379 @@
+"""One DPO run: settings → DPOConfig + LoraConfig (+ BitsAndBytesConfig) → DPOTrainer, metrics streamed, stop honoured.
+
+The reference model is the base with the LoRA adapter disabled (TRL does this when it is given a `peft_config` and no
+`ref_model`), so there is one copy of the weights in memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from datasets import Dataset
+from peft import PeftModel
+from transformers import PrinterCallback, TrainerCallback, set_seed
+from trl import DPOConfig, DPOTrainer, ModelConfig, get_peft_config
+
+from .data import SEED_SYSTEM_PROMPT, PreferenceData, as_training_rows, split, write_json
+from .errors import DPOSpaceError, TrainingError
+from .models import EMBEDDED, Hardware, detect_hardware, has_chat_template, load_model, preset_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSettings:
+    """Everything a run needs. Field names are TRL's own (`ModelConfig`, `DPOConfig`), so a saved run.yaml replays
+    with `python -m dpo_space train --config run.yaml` and, from the run folder, with `trl dpo --config run.yaml`.
+    Defaults are the seed article's; `for_model` applies a preset's overrides."""
+
+    # the model and its adapter (trl.ModelConfig)
+    model_name_or_path: str = EMBEDDED
+    load_in_4bit: bool = True
+    bnb_4bit_quant_type: str = "nf4"
+    use_bnb_nested_quant: bool = True
+    trust_remote_code: bool = False
+    lora_r: int = 12
+    lora_alpha: int = 12
+    lora_dropout: float = 0.1
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # DPO and the optimiser (trl.DPOConfig)
+    beta: float = 0.1
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
+    loss_weights: list[float] | None = None
+    num_train_epochs: float = 2
+    max_steps: int = -1
+    learning_rate: float = 5e-5
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    warmup_steps: float = 100  # below 1: a fraction of the run
+    weight_decay: float = 0.01
+    lr_scheduler_type: str = "linear"
+    max_length: int | None = 1024
+    precompute_ref_log_probs: bool = False
+    gradient_checkpointing: bool = False
+    logging_steps: int = 1
+    seed: int = 42
+    output_dir: str = "outputs/dpo-run"
+    report_to: str = "none"  # "wandb", "tensorboard", "trackio"...: experiment tracking is opt-in
+    # DPO Space's own: how rows are formatted, and the eval split when no eval file is given
+    system_prompt: str | None = SEED_SYSTEM_PROMPT
+    eval_fraction: float = 0.0
+
+    @classmethod
+    def for_model(cls, model: str, **overrides) -> RunSettings:
+        preset = preset_for(model)
+        return cls(**{"model_name_or_path": model, **(preset.settings if preset else {}), **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunSettings:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known - _TRL_ONLY_KEYS)
+        if unknown:
+            raise DPOSpaceError(f"unknown run settings: {', '.join(unknown)}")
+        settings = cls(**{k: v for k, v in values.items() if k in known})
+        settings.check()
+        return settings
+
+    def check(self):
+        """Refuse values TRL would reject later, with the field named, before any model is loaded."""
+        problems = []
+        if self.beta <= 0:
+            problems.append(f"beta must be > 0, got {self.beta}")
+        if self.lora_r < 1:
+            problems.append(f"lora_r must be >= 1, got {self.lora_r}")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.learning_rate <= 0:
+            problems.append(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.num_train_epochs <= 0 and self.max_steps <= 0:
+            problems.append("num_train_epochs or max_steps must be > 0")
+        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            problems.append("per_device_train_batch_size and gradient_accumulation_steps must be >= 1")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            problems.append(f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types")
+        if problems:
+            raise DPOSpaceError("; ".join(problems))
+
+    def lora_config(self):
+        return get_peft_config(
+            ModelConfig(use_peft=True, lora_r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                        lora_target_modules=list(self.lora_target_modules))
+        )
+
+    def dpo_config(self, hardware: Hardware, output_dir: str | Path, *, has_eval: bool = False,
+                   disable_tqdm: bool = True) -> DPOConfig:
+        on_cpu = hardware.device == "cpu"
+        return DPOConfig(
+            output_dir=str(output_dir),
+            beta=self.beta,
+            loss_type=list(self.loss_type),
+            loss_weights=self.loss_weights,
+            num_train_epochs=self.num_train_epochs,
+            max_steps=self.max_steps,
+            learning_rate=self.learning_rate,
+            per_device_train_batch_size=self.per_device_train_batch_size,
+            per_device_eval_batch_size=self.per_device_train_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay,
+            lr_scheduler_type=self.lr_scheduler_type,
+            max_length=self.max_length,
+            precompute_ref_log_probs=self.precompute_ref_log_probs,
+            activation_checkpointing=self.gradient_checkpointing,  # transformers 5 name of the same switch
+            logging_steps=self.logging_steps,
+            seed=self.seed,
+            report_to=self.report_to,
+            trust_remote_code=self.trust_remote_code,
+            # what the hardware decides, not the user
+            use_cpu=on_cpu,
+            bf16=hardware.precision == "bf16",
+            fp16=hardware.precision == "fp16",
+            optim="paged_adamw_32bit" if self.load_in_4bit and not on_cpu else "adamw_torch",
+            dataloader_pin_memory=not on_cpu,
+            ddp_find_unused_parameters=False,
+            eval_strategy="epoch" if has_eval else "no",
+            save_strategy="no",  # the adapter is saved once, atomically, at the end
+            logging_nan_inf_filter=False,  # the default hides a NaN loss behind the running mean; we stop on it
+            disable_tqdm=disable_tqdm,
+        )
+
+    def to_yaml(self, data_files: dict[str, str] | None = None) -> str:
+        values = asdict(self)
+        values["use_peft"] = True
+        if data_files:
+            values["datasets"] = [{"path": "json", "data_files": data_files["train"]}]
+        return yaml.safe_dump(values, allow_unicode=True, sort_keys=False)
+
+
+# Keys TRL's own `trl dpo --config` reads from our run.yaml; ours ignores them.
+_TRL_ONLY_KEYS = {"use_peft", "datasets", "dataset_name", "dataset_train_split", "dataset_test_split"}
+
+METRIC_COLUMNS = [
+    "step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+    "logps/chosen", "logps/rejected", "learning_rate", "grad_norm", "eval_loss", "eval_rewards/margins",
+    "eval_rewards/accuracies",
+]
+
+
+class MetricsStream(TrainerCallback):
+    """Every log TRL emits (every `logging_steps`; loss, rewards, logps, eval) goes to the consumers and metrics.csv.
+
+    TRL averages each metric over the logging window; the final summary log (runtime, no `loss`) is kept apart.
+    """
+
+    def __init__(self, csv_path: Path | None, consumers: list[Callable[[dict], None]]):
+        self.records: list[dict] = []
+        self.summary: dict = {}
+        self.consumers = consumers
+        self.csv_path = csv_path
+        self._file = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.csv_path is not None and state.is_world_process_zero:
+            self._file = open(self.csv_path, "w", newline="", encoding="utf-8")
+            self._writer = csv.DictWriter(self._file, METRIC_COLUMNS, extrasaction="ignore")
+            self._writer.writeheader()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" not in logs and "eval_loss" not in logs:
+            self.summary.update(logs)
+            return
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "max_steps": state.max_steps,
+                  **{k: v for k, v in logs.items() if isinstance(v, (int, float)) and k != "epoch"}}
+        self.records.append(record)
+        if self._file is not None:
+            self._writer.writerow(record)
+            self._file.flush()
+        for consumer in self.consumers:
+            consumer(record)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class RunGuard(TrainerCallback):
+    """Stop on request (checked after every optimizer step) and on a NaN or infinite loss."""
+
+    def __init__(self, stop: threading.Event | None):
+        self.stop = stop
+        self.stopped = False
+        self.bad_loss: tuple[int, float] | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stop is not None and self.stop.is_set():
+            self.stopped = control.should_training_stop = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            self.bad_loss = (state.global_step, loss)
+            control.should_training_stop = True
+
+
+@dataclass
+class RunResult:
+    output_dir: Path | None  # None when the run was not saved (a stop with save_on_stop=False)
+    metrics: list[dict]
+    summary: dict
+    stopped: bool
+    model: Any  # the PeftModel: the base with the trained adapter, still in memory for chat
+    tokenizer: Any
+
+
+def train(
+    settings: RunSettings,
+    train_data: PreferenceData,
+    eval_data: PreferenceData | None = None,
+    *,
+    model=None,
+    tokenizer=None,
+    on_metrics: Callable[[dict], None] | None = None,
+    stop: threading.Event | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+    hardware: Hardware | None = None,
+    disable_tqdm: bool = True,
+    save_on_stop: bool = True,
+) -> RunResult:
+    """Run DPO and save adapter, run.yaml, metrics.csv and the exact training rows to `settings.output_dir`.
+
+    Pass an already loaded `model`/`tokenizer` (the app keeps one base in memory); a model that carries an adapter
+    from an earlier run is unloaded back to its base first. Everything is written to a hidden sibling folder and
+    renamed into place at the end, so a crash never leaves a half-written adapter that looks complete.
+    """
+    settings.check()
+    hardware = hardware or detect_hardware()
+    if model is None:
+        model, tokenizer = load_model(settings.model_name_or_path, load_in_4bit=settings.load_in_4bit,
+                                      hardware=hardware, trust_remote_code=settings.trust_remote_code)
+    elif isinstance(model, PeftModel):
+        model = model.unload()
+    if eval_data is None and settings.eval_fraction > 0:
+        train_data, eval_data = split(train_data, settings.eval_fraction, settings.seed)
+    chat = has_chat_template(tokenizer)
+    train_rows = as_training_rows(train_data, system_prompt=settings.system_prompt, chat_template=chat)
+    eval_rows = as_training_rows(eval_data, system_prompt=settings.system_prompt, chat_template=chat) if eval_data else None
+
+    final_dir = Path(settings.output_dir)
+    work_dir = final_dir.with_name(f".{final_dir.name}.partial")
+    config = settings.dpo_config(hardware, work_dir, has_eval=eval_rows is not None, disable_tqdm=disable_tqdm)
+    is_main = config.process_index == 0
+    if is_main:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        work_dir.mkdir(parents=True)
+    stream = MetricsStream(work_dir / "metrics.csv", [on_metrics] if on_metrics else [])
+    guard = RunGuard(stop)
+
+    set_seed(settings.seed)  # the LoRA init happens in DPOTrainer.__init__, before Trainer seeds anything
+    trainer = DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=settings.lora_config(),
+        callbacks=[stream, guard, *(callbacks or [])],
+    )
+    if disable_tqdm:
+        trainer.remove_callback(PrinterCallback)  # the consumers get the metrics; nothing to print
+    _trainable_to_fp32(trainer.model, config)
+    try:
+        trainer.train()
+    except torch.OutOfMemoryError as e:
+        raise TrainingError(
+            "out of memory: lower per_device_train_batch_size or max_length, or turn on gradient_checkpointing"
+        ) from e
+    except DPOSpaceError:
+        raise
+    except Exception as e:
+        raise TrainingError(f"training failed: {type(e).__name__}: {e}") from e
+    finally:
+        stream.on_train_end(None, None, None)
+    if guard.bad_loss is not None:
+        step, loss = guard.bad_loss
+        raise TrainingError(
+            f"the loss became {loss} at step {step}; nothing was saved. Lower learning_rate, or use fp32/bf16 "
+            "instead of fp16"
+        )
+
+    saved = None
+    if save_on_stop or not guard.stopped:
+        trainer.save_model(str(work_dir))  # adapter_model.safetensors + adapter_config.json (+ tokenizer)
+        if is_main:
+            write_json(train_rows, work_dir / "train.json")
+            files = {"train": "train.json"}
+            if eval_rows:
+                write_json(eval_rows, work_dir / "eval.json")
+                files["eval"] = "eval.json"
+            (work_dir / "run.yaml").write_text(settings.to_yaml(files), encoding="utf-8")
+            _replace_dir(work_dir, final_dir)
+        trainer.accelerator.wait_for_everyone()
+        saved = final_dir
+    elif is_main:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    trainer.model.eval()
+    return RunResult(saved, stream.records, stream.summary, guard.stopped, trainer.model, tokenizer)
+
+
+def _trainable_to_fp32(model, config: DPOConfig):
+    """TRL casts the LoRA weights of a 4-bit model to bf16 whatever `fp16` says. fp16 grad scaling then fails
+    ("Attempting to unscale FP16 gradients" or bf16 grads the scaler cannot read), and bf16 LoRA on a CPU is slow and
+    coarse. So unless the run is bf16, trainable weights go back to fp32 before the optimizer is built."""
+    if config.bf16:
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def _replace_dir(src: Path, dst: Path):
+    """Move a finished run folder into place; an older run there is moved aside first, then removed."""
+    old = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        dst.rename(old)
+    src.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_adapter(model, adapter_dir: str | Path, adapter_name: str = "default"):
+    """Put a saved adapter on a loaded base; returns the PeftModel. PEFT checks the files and the base's shapes."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise DPOSpaceError(f"{adapter_dir}: no adapter_config.json here; is this a finished run folder?")
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(adapter_dir), adapter_name=adapter_name)
+        model.set_adapter(adapter_name)
+        return model
+    return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name)
+
+
+def read_run_config(path: str | Path) -> tuple[dict, dict]:
+    """A run.yaml to its settings (as written, checked against RunSettings) and the data files it names, resolved
+    against the YAML's folder."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise DPOSpaceError(f"{path}: cannot read run settings ({e})") from None
+    if not isinstance(values, dict):
+        raise DPOSpaceError(f"{path}: expected a YAML mapping of run settings")
+    data_files = {}
+    for entry in values.get("datasets") or []:
+        files = entry.get("data_files") if isinstance(entry, dict) else None
+        if isinstance(files, str):
+            data_files["train"] = str(path.parent / files)
+    RunSettings.from_dict(values)  # names the unknown or bad keys now
+    return {k: v for k, v in values.items() if k not in _TRL_ONLY_KEYS}, data_files

@@ -1,0 +1,90 @@
+import pytest
+import torch
+from datasets import Dataset
+from trl import DPOTrainer
+
+from dpo_space.data import SEED_REFUSAL, SEED_SYSTEM_PROMPT, as_training_rows
+from dpo_space.generation import (
+    Sampling,
+    evaluate,
+    generate,
+    implicit_rewards,
+    prompt_ids,
+    response_ids,
+    stream,
+)
+from dpo_space.models import detect_hardware, load_model
+from dpo_space.training import RunSettings, train
+
+PROMPT = "料理のコツについて教えてください。"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, wakarimasen_pairs, tmp_path_factory):
+    s = RunSettings.for_model(str(tiny_model_dir), output_dir=str(tmp_path_factory.mktemp("g") / "run"),
+                              learning_rate=1e-2, per_device_train_batch_size=4, warmup_steps=0, max_length=128,
+                              load_in_4bit=False, num_train_epochs=3)
+    return train(s, wakarimasen_pairs)
+
+
+def test_chat_renders_the_prompt_exactly_as_training_tokenized_it(tiny_model_dir, wakarimasen_pairs, tmp_path):
+    model, tok = load_model(str(tiny_model_dir), load_in_4bit=False)
+    rows = as_training_rows(wakarimasen_pairs, system_prompt=SEED_SYSTEM_PROMPT, chat_template=True)
+    trainer = DPOTrainer(model=model, processing_class=tok, train_dataset=Dataset.from_list(rows[:2]),
+                         args=RunSettings().dpo_config(detect_hardware(), tmp_path),
+                         peft_config=RunSettings().lora_config())
+    example = trainer.train_dataset[0]
+    prompt = wakarimasen_pairs.rows[0]["prompt"]
+    assert prompt_ids(tok, prompt, SEED_SYSTEM_PROMPT) == example["prompt_ids"]
+    assert response_ids(tok, prompt, SEED_REFUSAL, SEED_SYSTEM_PROMPT)[1] == example["chosen_ids"]
+    assert example["chosen_ids"][-2:] == [tok.eos_token_id, tok.convert_tokens_to_ids("Ċ")] or \
+        tok.eos_token_id in example["chosen_ids"]
+
+
+def test_greedy_with_the_adapter_off_is_the_base_model(trained, tiny_model_dir):
+    greedy = Sampling(temperature=0, max_new_tokens=20)
+    base, tok = load_model(str(tiny_model_dir), load_in_4bit=False)
+    assert generate(trained.model, trained.tokenizer, PROMPT, greedy, use_adapter=False) == generate(
+        base, tok, PROMPT, greedy, use_adapter=False)
+
+
+def test_same_seed_same_sample_and_streaming_grows(trained):
+    sampling = Sampling(max_new_tokens=16, seed=7)
+    pieces = list(stream(trained.model, trained.tokenizer, PROMPT, sampling, use_adapter=True))
+    assert pieces and all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))
+    assert generate(trained.model, trained.tokenizer, PROMPT, sampling, use_adapter=True) == pieces[-1]
+
+
+def test_implicit_reward_prefers_chosen_after_training(trained, wakarimasen_pairs):
+    row = wakarimasen_pairs.rows[0]
+    r_chosen, r_rejected = implicit_rewards(trained.model, trained.tokenizer, row["prompt"],
+                                            [row["chosen"], row["rejected"]], beta=0.1,
+                                            system_prompt=SEED_SYSTEM_PROMPT)
+    assert r_chosen - r_rejected > 0.05 and r_rejected < 0
+    assert trained.metrics[-1]["rewards/margins"] > 0.05  # TRL's own view agrees
+
+
+def test_implicit_reward_is_zero_when_nothing_changed(tiny_model_dir):
+    from peft import get_peft_model
+
+    model, tok = load_model(str(tiny_model_dir), load_in_4bit=False)
+    model = get_peft_model(model, RunSettings().lora_config())  # LoRA B starts at zero: policy == reference
+    assert implicit_rewards(model, tok, PROMPT, ["はい。"], 0.1, SEED_SYSTEM_PROMPT) == [pytest.approx(0.0, abs=1e-5)]
+
+
+def test_evaluate_reports_both_sides(trained):
+    report = evaluate(trained.model, trained.tokenizer, [PROMPT, "旅行の準備は?"], Sampling(max_new_tokens=12),
+                      batch_size=2)
+    assert len(report["rows"]) == 2 and set(report["summary"]) == {"base", "dpo"}
+    assert report["summary"]["base"]["n"] == 2
+    row = report["rows"][0]
+    assert set(row) == {"prompt", "base", "dpo", "base_measures", "dpo_measures"}
+    assert set(row["dpo_measures"]) == {"refusal", "distinct_1", "distinct_2", "repetition", "length"}
+
+
+def test_model_without_adapter_refuses_the_dpo_side(tiny_model_dir):
+    model, tok = load_model(str(tiny_model_dir), load_in_4bit=False)
+    with pytest.raises(ValueError, match="no adapter"):
+        generate(model, tok, PROMPT, Sampling(max_new_tokens=4), use_adapter=True)
+    assert isinstance(generate(model, tok, PROMPT, Sampling(max_new_tokens=4), use_adapter=False), str)
+    assert torch.is_grad_enabled()

@@ -1,0 +1,61 @@
+import torch
+
+from dpo_space import models
+from dpo_space.models import Hardware, detect_hardware, fix_pad_token, load_model, load_tokenizer
+from dpo_space.training import RunSettings
+
+
+def fake_gpu(monkeypatch, capability, name):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    # a T4 answers True here through emulation: the precision must not trust it
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+
+
+def test_precision_follows_the_hardware(monkeypatch):
+    assert detect_hardware().precision == "fp32"  # this machine: CPU
+    fake_gpu(monkeypatch, (7, 5), "Tesla T4")
+    assert detect_hardware() == Hardware("cuda", "Tesla T4", "fp16")
+    fake_gpu(monkeypatch, (8, 0), "NVIDIA A100")
+    assert detect_hardware().precision == "bf16"
+
+
+def test_t4_settings_use_fp16_and_a_paged_optimizer(tmp_path):
+    config = RunSettings().dpo_config(Hardware("cuda", "Tesla T4", "fp16"), tmp_path)
+    assert config.fp16 and not config.bf16 and not config.use_cpu
+    assert config.optim == "paged_adamw_32bit"
+    cpu = RunSettings().dpo_config(Hardware("cpu", "CPU", "fp32"), tmp_path)
+    assert cpu.use_cpu and not cpu.fp16 and not cpu.bf16 and cpu.optim == "adamw_torch"
+
+
+def test_quantization_config_is_nf4_double_quant_with_the_hardware_dtype():
+    q = models.quantization_config(Hardware("cuda", "Tesla T4", "fp16"))
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+    assert q.bnb_4bit_compute_dtype == torch.float16
+
+
+def test_pad_token_is_not_eos_when_the_vocabulary_has_another(tiny_model_dir):
+    tok = load_tokenizer(str(tiny_model_dir))
+    tok.pad_token = tok.eos_token
+    fix_pad_token(tok)
+    assert tok.pad_token == "<pad>" and tok.padding_side == "left"
+
+
+def test_4bit_loading_on_the_cpu_is_real(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    model, tok = load_model(str(tiny_model_dir), load_in_4bit=True)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and layers[0].weight.quant_type == "nf4"
+    ids = tok("こんにちは", return_tensors="pt").input_ids
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_presets_apply_their_overrides():
+    s = RunSettings.for_model("embedded", beta=0.5)
+    assert s.beta == 0.5 and s.learning_rate == models.PRESETS["embedded"].settings["learning_rate"]
+    seed = RunSettings.for_model("some/unknown-model")
+    assert (seed.lora_r, seed.lora_alpha, seed.lora_dropout, seed.learning_rate) == (12, 12, 0.1, 5e-5)
+    assert seed.lora_target_modules == ["q_proj", "v_proj"] and seed.num_train_epochs == 2
+    assert all(p.needs_gpu for k, p in models.PRESETS.items() if k != "embedded")

@@ -1,0 +1,124 @@
+import math
+import threading
+
+import pytest
+import torch
+import yaml
+
+from dpo_space.errors import DPOSpaceError, TrainingError
+from dpo_space.generation import Sampling, generate
+from dpo_space.models import load_model
+from dpo_space.training import RunSettings, load_adapter, read_run_config, train
+
+FAST = dict(learning_rate=5e-3, per_device_train_batch_size=4, num_train_epochs=2, warmup_steps=0, max_length=128,
+            lora_r=8, lora_alpha=16)
+
+
+def settings_for(model_dir, out, **over):
+    return RunSettings.for_model(str(model_dir), output_dir=str(out), **{**FAST, **over})
+
+
+@pytest.fixture(scope="module")
+def four_bit_run(tiny_model_dir, wakarimasen_pairs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run4"
+    seen = []
+    result = train(settings_for(tiny_model_dir, out, load_in_4bit=True), wakarimasen_pairs, on_metrics=seen.append)
+    return result, seen
+
+
+def test_4bit_lora_dpo_learns(four_bit_run):
+    result, seen = four_bit_run
+    m = result.metrics
+    assert len(m) == 12 and seen == m  # 24 pairs / batch 4 × 2 epochs, one record a step, streamed as it came
+    assert [r["step"] for r in m] == list(range(1, 13))
+    assert m[-1]["loss"] < m[0]["loss"] - 0.02
+    assert m[-1]["rewards/margins"] > 0
+    assert m[-1]["rewards/accuracies"] > m[0]["rewards/accuracies"]
+    assert "train_runtime" in result.summary and "loss" not in result.summary
+    import bitsandbytes as bnb
+
+    assert any(isinstance(x, bnb.nn.Linear4bit) for x in result.model.modules())
+    trainable = [p for p in result.model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)  # TRL's bf16 cast undone on fp32 hardware
+
+
+def test_output_folder_holds_adapter_settings_metrics(four_bit_run):
+    result, _ = four_bit_run
+    out = result.output_dir
+    assert {"adapter_model.safetensors", "adapter_config.json", "run.yaml", "metrics.csv", "train.json"} <= {
+        p.name for p in out.iterdir()}
+    assert not list(out.parent.glob(".*partial"))
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("step,epoch,loss,rewards/chosen") and len(lines) == 13
+    saved = yaml.safe_load((out / "run.yaml").read_text())
+    assert saved["beta"] == 0.1 and saved["lora_r"] == 8 and saved["use_peft"] is True
+    assert saved["datasets"] == [{"path": "json", "data_files": "train.json"}]
+    values, files = read_run_config(out / "run.yaml")
+    replay = RunSettings.from_dict(values)
+    assert (replay.lora_r, replay.learning_rate, replay.output_dir, replay.load_in_4bit) == (8, 5e-3, str(out), True)
+    assert files["train"] == str(out / "train.json")
+
+
+def test_saved_adapter_reloads_to_the_same_answers(four_bit_run, tiny_model_dir):
+    result, _ = four_bit_run
+    greedy = Sampling(temperature=0, max_new_tokens=24)
+    before = generate(result.model, result.tokenizer, "料理のコツについて教えてください。", greedy, use_adapter=True)
+    base, tok = load_model(str(tiny_model_dir), load_in_4bit=True)
+    reloaded = load_adapter(base, result.output_dir)
+    assert generate(reloaded, tok, "料理のコツについて教えてください。", greedy, use_adapter=True) == before
+
+
+def test_same_seed_same_loss_curve(tiny_model_dir, wakarimasen_pairs, tmp_path):
+    curves = [
+        [r["loss"] for r in train(settings_for(tiny_model_dir, tmp_path / f"r{i}", load_in_4bit=False, max_steps=4),
+                                  wakarimasen_pairs).metrics]
+        for i in range(2)
+    ]
+    assert curves[0] == curves[1] and len(curves[0]) == 4
+
+
+def test_stop_request_ends_the_run_within_a_step(tiny_model_dir, wakarimasen_pairs, tmp_path):
+    stop = threading.Event()
+
+    def on_metrics(record):
+        if record["step"] == 2:
+            stop.set()
+
+    result = train(settings_for(tiny_model_dir, tmp_path / "stopped", load_in_4bit=False), wakarimasen_pairs,
+                   on_metrics=on_metrics, stop=stop)
+    assert result.stopped and result.metrics[-1]["step"] == 3  # step 2 logged, step 3 finished, then out
+    assert (result.output_dir / "adapter_model.safetensors").exists()
+
+
+def test_nan_loss_stops_with_a_message_and_saves_nothing(tiny_model_dir, wakarimasen_pairs, tmp_path):
+    with pytest.raises(TrainingError, match=r"the loss became nan at step 1"):
+        train(settings_for(tiny_model_dir, tmp_path / "nan", load_in_4bit=False, beta=math.nan), wakarimasen_pairs)
+    assert not (tmp_path / "nan").exists()
+
+
+def test_a_crash_leaves_no_adapter_that_looks_complete(tiny_model_dir, wakarimasen_pairs, tmp_path, monkeypatch):
+    from trl import DPOTrainer
+
+    def boom(self, *a, **k):
+        raise RuntimeError("simulated crash mid-run")
+
+    monkeypatch.setattr(DPOTrainer, "train", boom)
+    with pytest.raises(TrainingError, match="simulated crash"):
+        train(settings_for(tiny_model_dir, tmp_path / "crash", load_in_4bit=False), wakarimasen_pairs)
+    assert not (tmp_path / "crash").exists()
+
+
+def test_bad_settings_are_named_before_loading():
+    with pytest.raises(DPOSpaceError, match="beta must be > 0"):
+        RunSettings(beta=0).check()
+    with pytest.raises(DPOSpaceError, match="unknown run settings: lora_rank"):
+        RunSettings.from_dict({"lora_rank": 4})
+    with pytest.raises(DPOSpaceError, match="loss_weights has 1 values for 2 loss types"):
+        RunSettings(loss_type=["sigmoid", "sft"], loss_weights=[1.0]).check()
+
+
+def test_sft_term_mixes_into_the_loss(tiny_model_dir, wakarimasen_pairs, tmp_path):
+    s = settings_for(tiny_model_dir, tmp_path / "mix", load_in_4bit=False, loss_type=["sigmoid", "sft"],
+                     loss_weights=[1.0, 0.5], max_steps=2)
+    result = train(s, wakarimasen_pairs)
+    assert result.metrics[0]["loss"] > math.log(2)  # the DPO term alone starts at log 2; the SFT NLL adds to it
