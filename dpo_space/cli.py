@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from dataclasses import fields
 from pathlib import Path
 
@@ -136,13 +138,28 @@ def cmd_train(args) -> int:
     if _is_main():
         print(f"{train_data.source}: {len(train_data)} pairs; model {settings.model_name_or_path}; "
               f"beta {settings.beta}, lora_r {settings.lora_r}, {settings.num_train_epochs} epochs")
-    result = train(settings, train_data, eval_data, disable_tqdm=not _is_main())
+    result = train(settings, train_data, eval_data, disable_tqdm=not _is_main(), stop=_graceful_stop())
     if _is_main():
         last = result.metrics[-1] if result.metrics else {}
         print(f"saved to {result.output_dir}: loss {last.get('loss', float('nan')):.4f}, "
               f"margin {last.get('rewards/margins', float('nan')):.3f}, "
               f"accuracy {last.get('rewards/accuracies', float('nan')):.2f}")
     return 0
+
+
+def _graceful_stop() -> threading.Event:
+    """First Ctrl-C or SIGTERM: finish this optimizer step, save, exit. A second Ctrl-C aborts."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("stopping after this step and saving (Ctrl-C again to abort)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return stop
 
 
 def _load_pair(args):

@@ -21,8 +21,9 @@ from .collapse import REFUSAL_PHRASES, measure, summarize
 from .data import SEED_SYSTEM_PROMPT, plain_prompt
 from .models import has_chat_template
 
-# One generation at a time per process: the sampling seed is global to torch, and a CPU has no cores to spare.
-_generate_lock = threading.RLock()
+# One model call at a time per process (generation, adapter loading): the sampling seed is global to torch, and a
+# CPU has no cores to spare.
+model_lock = threading.RLock()
 
 
 @dataclass
@@ -128,7 +129,7 @@ def stream(model, tokenizer, conversation: Conversation, sampling: Sampling = Sa
 
     def run():
         try:
-            with _generate_lock, adapter(model, use_adapter, adapter_name), torch.inference_mode():
+            with model_lock, adapter(model, use_adapter, adapter_name), torch.inference_mode():
                 set_seed(sampling.seed)
                 model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                                eos_token_id=_eos_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -155,9 +156,11 @@ def stream(model, tokenizer, conversation: Conversation, sampling: Sampling = Sa
 
 def generate_batch(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling(), *, use_adapter: bool,
                    adapter_name: str | None = None, batch_size: int = 16,
-                   progress: Callable[[int], object] | None = None) -> list[str]:
-    """Answers to many prompts, left-padded in batches (much faster than one by one); `progress(n)` after each."""
+                   progress: Callable[[int], object] | None = None, ended: list[bool] | None = None) -> list[str]:
+    """Answers to many prompts, left-padded in batches (much faster than one by one); `progress(n)` after each.
+    `ended`, if given, receives for each answer whether it ended at EOS rather than at `max_new_tokens`."""
     answers = []
+    stop_ids = _eos_ids(model, tokenizer)
     was_training = model.training
     model.eval()
     try:
@@ -167,11 +170,13 @@ def generate_batch(model, tokenizer, prompts: list[str], sampling: Sampling = Sa
             pad = tokenizer.pad_token_id
             input_ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=model.device)
             mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=model.device)
-            with _generate_lock, adapter(model, use_adapter, adapter_name), torch.inference_mode():
+            with model_lock, adapter(model, use_adapter, adapter_name), torch.inference_mode():
                 set_seed(sampling.seed)
-                out = model.generate(input_ids=input_ids, attention_mask=mask, eos_token_id=_eos_ids(model, tokenizer),
+                out = model.generate(input_ids=input_ids, attention_mask=mask, eos_token_id=stop_ids,
                                      pad_token_id=pad, **sampling.generate_kwargs())
             answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            if ended is not None:
+                ended += [any(t in stop_ids for t in row.tolist()) for row in out[:, width:]]
             if progress is not None:
                 progress(len(chunk))
     finally:
@@ -187,7 +192,7 @@ def response_logps(model, tokenizer, conversation: Conversation, responses: list
                    *, use_adapter: bool, adapter_name: str | None = None) -> list[float]:
     """log π(y|x) summed over the response tokens (EOS included), one value per response."""
     out = []
-    with _generate_lock, adapter(model, use_adapter, adapter_name):
+    with model_lock, adapter(model, use_adapter, adapter_name):
         for response in responses:
             p, r = response_ids(tokenizer, conversation, response, system_prompt)
             ids = torch.tensor([p + r], device=model.device)
@@ -236,3 +241,24 @@ def evaluate(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling
         "rows": [asdict(r) for r in rows],
     }
 
+
+
+def pair_report(model, tokenizer, rows: list[dict], beta: float, system_prompt: str | None, *,
+                adapter_name: str | None = None, progress: Callable[[int], object] | None = None) -> list[dict]:
+    """Per preference pair: policy and reference log-probs of chosen and rejected, implicit rewards, and whether the
+    DPO model now ranks the pair right (reward margin > 0). Wrong ones first: they are what to look at."""
+    out = []
+    for i, row in enumerate(rows, start=1):
+        chosen, rejected = row["chosen"], row["rejected"]
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in (chosen, rejected)]
+        policy = response_logps(model, tokenizer, row["prompt"], texts, system_prompt, use_adapter=True,
+                                adapter_name=adapter_name)
+        reference = response_logps(model, tokenizer, row["prompt"], texts, system_prompt, use_adapter=False)
+        r_c, r_r = (beta * (p - r) for p, r in zip(policy, reference, strict=True))
+        out.append({"row": i, "prompt": row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"],
+                    "policy_chosen": policy[0], "policy_rejected": policy[1], "ref_chosen": reference[0],
+                    "ref_rejected": reference[1], "reward_chosen": r_c, "reward_rejected": r_r,
+                    "margin": r_c - r_r, "ranked_right": r_c > r_r})
+        if progress is not None:
+            progress(1)
+    return sorted(out, key=lambda r: (r["ranked_right"], r["margin"]))

@@ -7,10 +7,12 @@ The reference model is the base with the LoRA adapter disabled (TRL does this wh
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -155,13 +157,24 @@ class RunSettings:
         return yaml.safe_dump(values, allow_unicode=True, sort_keys=False)
 
 
+# Recipes that teach: each overrides a few RunSettings fields on top of the model preset.
+RECIPES: dict[str, dict[str, Any]] = {
+    "seed": {},  # the seed article's settings (with the model preset's adjustments)
+    "t4_safe": {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 8, "gradient_checkpointing": True,
+                "max_length": 512, "load_in_4bit": True},
+    "overtrain": {"num_train_epochs": 4, "beta": 0.05},
+    "remedies": {"beta": 0.5, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]},
+    "ipo": {"beta": 0.5, "loss_type": ["ipo"]},
+    "gentle": {"beta": 0.5, "num_train_epochs": 1},
+}
+
 # Keys TRL's own `trl dpo --config` reads from our run.yaml; ours ignores them.
 _TRL_ONLY_KEYS = {"use_peft", "datasets", "dataset_name", "dataset_train_split", "dataset_test_split"}
 
 METRIC_COLUMNS = [
     "step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
     "logps/chosen", "logps/rejected", "learning_rate", "grad_norm", "eval_loss", "eval_rewards/margins",
-    "eval_rewards/accuracies",
+    "eval_rewards/accuracies", "max_steps", "elapsed",
 ]
 
 
@@ -179,6 +192,7 @@ class MetricsStream(TrainerCallback):
         self._file = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
         if self.csv_path is not None and state.is_world_process_zero:
             self._file = open(self.csv_path, "w", newline="", encoding="utf-8")
             self._writer = csv.DictWriter(self._file, METRIC_COLUMNS, extrasaction="ignore")
@@ -190,6 +204,7 @@ class MetricsStream(TrainerCallback):
             self.summary.update(logs)
             return
         record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "max_steps": state.max_steps,
+                  "elapsed": round(time.perf_counter() - self._start, 3),
                   **{k: v for k, v in logs.items() if isinstance(v, (int, float)) and k != "epoch"}}
         self.records.append(record)
         if self._file is not None:
@@ -204,10 +219,30 @@ class MetricsStream(TrainerCallback):
             self._file = None
 
 
+class StopSignal:
+    """A stop request that another thread or process can make (ZeroGPU trains in a forked process): a file beside
+    the run folder. Anything with `is_set()`, a `threading.Event` too, can stop a run."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @classmethod
+    def beside(cls, output_dir: str | Path) -> StopSignal:
+        output_dir = Path(output_dir)
+        return cls(output_dir.with_name(f".{output_dir.name}.stop"))
+
+    def set(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()
+
+    def is_set(self) -> bool:
+        return self.path.exists()
+
+
 class RunGuard(TrainerCallback):
     """Stop on request (checked after every optimizer step) and on a NaN or infinite loss."""
 
-    def __init__(self, stop: threading.Event | None):
+    def __init__(self, stop: threading.Event | StopSignal | None):
         self.stop = stop
         self.stopped = False
         self.bad_loss: tuple[int, float] | None = None
@@ -221,6 +256,29 @@ class RunGuard(TrainerCallback):
         if loss is not None and not math.isfinite(loss):
             self.bad_loss = (state.global_step, loss)
             control.should_training_stop = True
+
+
+class SampleTimeline(TrainerCallback):
+    """Every `every` optimizer steps (and at step 1), the policy's current answer to a probe prompt, written to
+    samples.jsonl in the run folder: the collapse is seen forming, not only its curve."""
+
+    def __init__(self, prompt: str, every: int, sampling=None):
+        from .generation import Sampling
+
+        self.prompt, self.every = prompt, max(1, every)
+        self.sampling = sampling or Sampling(temperature=0, max_new_tokens=64)
+        self.samples: list[dict] = []
+
+    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        from .generation import generate
+
+        if not state.is_world_process_zero or (state.global_step % self.every and state.global_step != 1):
+            return
+        answer = generate(model, processing_class, self.prompt, self.sampling, use_adapter=True)
+        record = {"step": state.global_step, "prompt": self.prompt, "answer": answer}
+        self.samples.append(record)
+        with open(Path(args.output_dir) / "samples.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 @dataclass
@@ -241,7 +299,7 @@ def train(
     model=None,
     tokenizer=None,
     on_metrics: Callable[[dict], None] | None = None,
-    stop: threading.Event | None = None,
+    stop: threading.Event | StopSignal | None = None,
     callbacks: list[TrainerCallback] | None = None,
     hardware: Hardware | None = None,
     disable_tqdm: bool = True,
@@ -318,7 +376,7 @@ def train(
                 write_json(eval_rows, work_dir / "eval.json")
                 files["eval"] = "eval.json"
             (work_dir / "run.yaml").write_text(settings.to_yaml(files), encoding="utf-8")
-            _replace_dir(work_dir, final_dir)
+            replace_dir(work_dir, final_dir)
         trainer.accelerator.wait_for_everyone()
         saved = final_dir
     elif is_main:
@@ -338,7 +396,7 @@ def _trainable_to_fp32(model, config: DPOConfig):
             param.data = param.data.float()
 
 
-def _replace_dir(src: Path, dst: Path):
+def replace_dir(src: Path, dst: Path):
     """Move a finished run folder into place; an older run there is moved aside first, then removed."""
     old = dst.with_name(f".{dst.name}.old")
     shutil.rmtree(old, ignore_errors=True)
@@ -377,3 +435,35 @@ def read_run_config(path: str | Path) -> tuple[dict, dict]:
             data_files["train"] = str(path.parent / files)
     RunSettings.from_dict(values)  # names the unknown or bad keys now
     return {k: v for k, v in values.items() if k not in _TRL_ONLY_KEYS}, data_files
+
+
+def live_dir(output_dir: str | Path) -> Path:
+    """Where a run's files are now: its hidden work folder while it runs, its own folder once finished."""
+    output_dir = Path(output_dir)
+    work = output_dir.with_name(f".{output_dir.name}.partial")
+    return work if work.exists() else output_dir
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    """The metrics a run has logged so far (from metrics.csv, so another process can be watched too)."""
+    path = live_dir(output_dir) / "metrics.csv"
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+    except FileNotFoundError:
+        return []
+
+
+def read_samples(output_dir: str | Path) -> list[dict]:
+    path = live_dir(output_dir) / "samples.jsonl"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written right now
+            break
+    return out
