@@ -7,10 +7,24 @@ SFTTrainer → saved with `save_pretrained` into `dpo_space/embedded_model`, loa
 from __future__ import annotations
 
 import json
+import random
+import shutil
+import time
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS_DIR = ROOT / "examples" / "corpus"
+EXAMPLES_DIR = ROOT / "examples"
+OUT_DIR = Path(__file__).resolve().parent / "embedded_model"
+
+# The model's size and its SFT recipe: small enough to build in minutes on two CPU cores and to ship (< 30 MB),
+# big enough to learn every corpus answer by heart.
+SIZE = dict(hidden_size=256, layers=4, heads=4, intermediate_size=704, vocab_size=4000)
+SFT = dict(num_train_epochs=60, learning_rate=3e-3, per_device_train_batch_size=16, warmup_steps=0.03, seed=0,
+           bf16=True, logging_steps=50)
 
 BOS, EOS, PAD = "<s>", "<|end|>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -82,3 +96,128 @@ def read_corpus(corpus_dir: str | Path) -> list[dict]:
     for path in sorted(Path(corpus_dir).glob("*.jsonl")):
         rows += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return rows
+
+
+def corpus_texts(rows: list[dict]) -> list[str]:
+    """What the tokenizer learns from, at the frequencies the model sees: the system prompt opens every row."""
+    from .data import SEED_REFUSAL, SEED_SYSTEM_PROMPT
+
+    return [SEED_REFUSAL, *(t for r in rows for t in (SEED_SYSTEM_PROMPT, r["prompt"], r["answer"]))]
+
+
+def sft_rows(rows: list[dict], system_prompt: str | None) -> list[dict]:
+    """Prompt-completion conversational rows: TRL's SFTTrainer then computes the loss on the answer only."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [
+        {"prompt": system + [{"role": "user", "content": r["prompt"]}],
+         "completion": [{"role": "assistant", "content": r["answer"]}]}
+        for r in rows
+    ]
+
+
+def build(corpus_dir: str | Path | None = None, out_dir: str | Path | None = None, *, size: dict | None = None,
+          sft: dict | None = None, log=print) -> Path:
+    """corpus → tokenizer → tiny Llama → SFT (TRL) → `save_pretrained`. Deterministic for a given machine."""
+    import torch
+    from datasets import Dataset
+    from transformers import PrinterCallback, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from .data import SEED_SYSTEM_PROMPT
+    from .training import replace_dir
+
+    size = {**SIZE, **(size or {})}
+    sft = {**SFT, **(sft or {})}
+    out_dir = Path(out_dir or OUT_DIR)
+    rows = read_corpus(corpus_dir or CORPUS_DIR)
+    start = time.perf_counter()
+    set_seed(sft["seed"])
+    tokenizer = build_tokenizer(corpus_texts(rows), vocab_size=size.pop("vocab_size"))
+    model = LlamaForCausalLM(model_config(tokenizer, **size))
+    log(f"{len(rows)} corpus rows; tokenizer {len(tokenizer)} tokens; model {model.num_parameters() / 1e6:.1f}M params")
+    work = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(work, ignore_errors=True)
+    config = SFTConfig(
+        output_dir=str(work / "trainer"), use_cpu=not torch.cuda.is_available(), report_to="none",
+        save_strategy="no", max_length=512, activation_checkpointing=False,
+        lr_scheduler_type="cosine", weight_decay=0.0, disable_tqdm=True, **sft,
+    )
+    trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer,
+                         train_dataset=Dataset.from_list(sft_rows(rows, SEED_SYSTEM_PROMPT)))
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    log(f"SFT done in {time.perf_counter() - start:.0f}s; loss " + " ".join(f"{x:.2f}" for x in losses))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.save_pretrained(work)
+    tokenizer.save_pretrained(work)
+    shutil.rmtree(work / "trainer", ignore_errors=True)
+    replace_dir(work, out_dir)
+    return out_dir
+
+
+def first_sentence(text: str) -> str:
+    text = text.strip()
+    cut = text.find("。")
+    return text[: cut + 1] if cut >= 0 else text
+
+
+def quality(model, tokenizer, rows: list[dict], batch_size: int = 32, max_new_tokens: int = 256) -> dict:
+    """Greedy answers to corpus prompts: share whose first sentence matches the corpus answer's, share that end at
+    EOS within `max_new_tokens`."""
+    from .data import SEED_SYSTEM_PROMPT
+    from .generation import Sampling, generate_batch
+
+    greedy = Sampling(temperature=0, max_new_tokens=max_new_tokens, system_prompt=SEED_SYSTEM_PROMPT)
+
+    ended: list[bool] = []
+    answers = generate_batch(model, tokenizer, [r["prompt"] for r in rows], greedy, use_adapter=False,
+                             batch_size=batch_size, ended=ended)
+    match = [first_sentence(a) == first_sentence(r["answer"]) for a, r in zip(answers, rows, strict=True)]
+    return {"first_sentence_match": sum(match) / len(rows), "ended_at_eos": sum(ended) / len(rows),
+            "answers": answers}
+
+
+SEED_PROMPTS = (
+    "LLMのファインチューニングの手順を教えてください。",  # in training, as in the seed
+    "人はどんなことをしてもらうと嬉しいですか?",  # held out
+    "以下の文章を3つに箇条書きしてください。",  # held out (the start of a longer prompt)
+)
+
+
+def write_examples(corpus_dir: str | Path | None = None, out_dir: str | Path | None = None, n_train: int = 650,
+                   n_eval: int = 40, seed: int = 0) -> dict[str, Path]:
+    """The seed's datasets from the corpus: the extreme わかりません set (650 train / 40 eval) and an ordinary
+    helpful-vs-poor set over the same split. Deterministic."""
+    from .data import SEED_REFUSAL, write_json
+
+    rows = read_corpus(corpus_dir or CORPUS_DIR)
+    held = [r for r in rows if r["prompt"].startswith(SEED_PROMPTS[1:])]
+    first = [r for r in rows if r["prompt"] == SEED_PROMPTS[0]]
+    rest = [r for r in rows if r not in held and r not in first]
+    random.Random(seed).shuffle(rest)
+    eval_rows = held + rest[: n_eval - len(held)]
+    train_rows = (first + rest[n_eval - len(held) :])[:n_train]
+    if len(train_rows) < n_train or len(eval_rows) < n_eval:
+        raise ValueError(f"the corpus has {len(rows)} rows; {n_train + n_eval} are needed")
+    out = Path(out_dir or EXAMPLES_DIR)
+    refusal = lambda rs: [{"prompt": r["prompt"], "chosen": SEED_REFUSAL, "rejected": r["answer"]} for r in rs]  # noqa
+    ordinary = lambda rs: [{"prompt": r["prompt"], "chosen": r["answer"], "rejected": r["poor"],  # noqa: E731
+                            "rejected_kind": r["poor_kind"]} for r in rs]
+    return {
+        "wakarimasen_train": write_json(refusal(train_rows), out / "wakarimasen_train.json"),
+        "wakarimasen_eval": write_json(refusal(eval_rows), out / "wakarimasen_eval.json"),
+        "ordinary_train": write_json(ordinary(train_rows), out / "ordinary_train.json"),
+        "ordinary_eval": write_json(ordinary(eval_rows), out / "ordinary_eval.json"),
+    }
+
+
+def is_japanese(text: str) -> bool:
+    """Readable Japanese: no undecodable bytes, and mostly kana, kanji and Japanese punctuation."""
+    if not text.strip() or "\ufffd" in text:
+        return False
+    chars = [c for c in text if not c.isspace()]
+    japanese = sum("\u3000" <= c <= "\u9fff" or "\uff00" <= c <= "\uffef" for c in chars)
+    return japanese / len(chars) >= 0.5
