@@ -175,3 +175,27 @@ def load_model(
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def keep_4bit_differentiable(model) -> int:
+    """Keep a 4-bit model's base layers passing gradients on the CPU; returns how many layers needed it.
+
+    bitsandbytes 0.50 repacks a `Linear4bit` weight into a CPU inference layout the first time the layer runs in eval
+    mode without grad on a CPU with AVX512-BF16 (generation, an eval pass, a probe sample), and keeps that layout.
+    Its kernel has no backward, so training after that gets no gradient through the frozen base layers and the LoRA
+    weights of every earlier layer learn from a wrong gradient, silently (torch only warns "an autograd kernel was
+    not registered"). A model about to train gets its weights back in the standard layout, and no more repacking.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    from bitsandbytes.nn import Linear4bit
+
+    fixed = 0
+    for module in model.modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+            fixed += 1
+    return fixed

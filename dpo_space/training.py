@@ -27,7 +27,8 @@ from trl import DPOConfig, DPOTrainer, ModelConfig, get_peft_config
 
 from .data import SEED_SYSTEM_PROMPT, PreferenceData, as_training_rows, split, write_json
 from .errors import DPOSpaceError, TrainingError
-from .models import EMBEDDED, Hardware, detect_hardware, has_chat_template, load_model, preset_for
+from .models import (EMBEDDED, Hardware, detect_hardware, has_chat_template, keep_4bit_differentiable, load_model,
+                     preset_for)
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +319,7 @@ def train(
                                       hardware=hardware, trust_remote_code=settings.trust_remote_code)
     elif isinstance(model, PeftModel):
         model = model.unload()
+    keep_4bit_differentiable(model)  # eval passes and probe samples during training must not break its gradients
     if eval_data is None and settings.eval_fraction > 0:
         train_data, eval_data = split(train_data, settings.eval_fraction, settings.seed)
     chat = has_chat_template(tokenizer)

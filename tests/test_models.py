@@ -59,3 +59,28 @@ def test_presets_apply_their_overrides():
     assert (seed.lora_r, seed.lora_alpha, seed.lora_dropout, seed.learning_rate) == (12, 12, 0.1, 5e-5)
     assert seed.lora_target_modules == ["q_proj", "v_proj"] and seed.num_train_epochs == 2
     assert all(p.needs_gpu for k, p in models.PRESETS.items() if k != "embedded")
+
+
+def test_4bit_layers_still_pass_gradients_after_cpu_inference(tiny_model_dir):
+    """bitsandbytes repacks 4-bit weights for CPU inference on the first eval-mode pass, and that layout has no
+    backward: a probe sample or an eval pass mid-training would silently cut the gradient. The guard undoes it."""
+    from bitsandbytes.functional import dequantize_4bit
+    from bitsandbytes.nn import Linear4bit
+
+    model, tokenizer = load_model(str(tiny_model_dir), load_in_4bit=True)
+    model.eval()
+    with torch.no_grad():
+        model(**tokenizer("料理のコツを教えてください。", return_tensors="pt"))
+    layer = next(m for m in model.modules() if isinstance(m, Linear4bit))
+    repacked = models.keep_4bit_differentiable(model)
+    assert repacked > 0 or not layer.weight.quant_state.packing_format_for_cpu  # CPUs without AVX512-BF16 never repack
+
+    model.train()
+    x = torch.randn(2, 3, layer.in_features, requires_grad=True)
+    layer(x).sum().backward()
+    weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    torch.testing.assert_close(x.grad, weight.sum(0).expand_as(x), rtol=1e-2, atol=1e-2)
+    with torch.no_grad():  # and it stays trainable after more inference
+        model.eval()
+        model(**tokenizer("料理のコツを教えてください。", return_tensors="pt"))
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
