@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--system-prompt", default=None, help="default: the one the adapter was trained with")
         p.add_argument("--load-in-4bit", type=_bool, default=None, metavar="true|false")
 
-    p = sub.add_parser("build-embedded", help="build the embedded tiny Japanese chat model from examples/corpus")
+    p = sub.add_parser("build-embedded", help="build the embedded tiny Japanese chat model (and the example datasets) from examples/corpus")
     p.add_argument("--corpus", default=None)
     p.add_argument("--output", default=None)
     return parser
@@ -225,4 +225,7 @@ def cmd_build_embedded(args) -> int:
     from . import embedded
 
     embedded.build(corpus_dir=args.corpus, out_dir=args.output)
+    if args.corpus is None and args.output is None:  # the shipped build also refreshes the shipped datasets
+        for path in embedded.write_examples().values():
+            print(f"wrote {path}")
     return 0
