@@ -1,0 +1,632 @@
+"""The Gradio skin: tabs wired to engine calls. No ML here; every handler calls `dpo_space`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from . import collapse, data, generation, models, training
+from .errors import DataError, DPOSpaceError
+from .workbench import Workbench, check_visitor, new_visitor_id
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SHARED_SPACE_ID = os.environ.get("DPO_SPACE_SHARED_ID", "dpo-space/dpo-space")
+
+i18n = gr.I18n(
+    ja={
+        "data": "データ", "train": "学習", "compare": "比較", "evaluate": "評価", "learn": "解説",
+        "example": "サンプルデータ", "load_example": "読み込む", "upload": "JSON / JSONL をアップロード",
+        "rows": "選好データ (prompt / chosen / rejected)", "download": "データをダウンロード",
+        "report": "検証結果", "extreme": "極端なデータを作る (元記事の方法)",
+        "extreme_prompts": "質問 (1行に1つ)", "extreme_chosen": "chosen に入れる固定の回答",
+        "extreme_build": "ベースモデルの回答で rejected を埋める", "model": "モデル", "recipe": "レシピ",
+        "epochs": "エポック数", "advanced": "詳細設定", "start": "学習開始", "stop": "停止",
+        "status": "状態", "samples": "学習中の回答の変化", "push": "Hub にアダプタを公開",
+        "token": "Hub トークン (書き込み権限)", "repo": "リポジトリ名 (user/name)", "prompt": "質問",
+        "send": "送信", "clear": "クリア", "sampling": "生成の設定", "base": "ベースモデル",
+        "dpo": "DPO モデル", "run_eval": "評価を実行", "eval_prompts": "評価用の質問 (1行に1つ; 空なら評価セット)",
+        "inspect": "選好ペアを調べる", "max_pairs": "使うペア数の上限", "probe": "途中経過を見る質問",
+    },
+    en={
+        "data": "Data", "train": "Train", "compare": "Compare", "evaluate": "Evaluate", "learn": "Learn",
+        "example": "Example dataset", "load_example": "Load", "upload": "Upload JSON / JSONL",
+        "rows": "Preference pairs (prompt / chosen / rejected)", "download": "Download dataset",
+        "report": "Validation", "extreme": "Build an extreme dataset (the seed's way)",
+        "extreme_prompts": "Prompts (one a line)", "extreme_chosen": "Fixed answer for every chosen",
+        "extreme_build": "Fill rejected with the base model's answers", "model": "Model", "recipe": "Recipe",
+        "epochs": "Epochs", "advanced": "Advanced", "start": "Start training", "stop": "Stop",
+        "status": "Status", "samples": "The probe answer as training goes", "push": "Push the adapter to the Hub",
+        "token": "Hub token (write)", "repo": "Repository (user/name)", "prompt": "Prompt", "send": "Send",
+        "clear": "Clear", "sampling": "Sampling", "base": "Base model", "dpo": "DPO model",
+        "run_eval": "Run evaluation", "eval_prompts": "Prompts (one a line; empty: the eval set)",
+        "inspect": "Inspect preference pairs", "max_pairs": "At most this many pairs", "probe": "Probe prompt",
+    },
+)
+
+EXAMPLE_FILES = {
+    "わかりません (seed, extreme)": "wakarimasen_train.json",
+    "ordinary: helpful vs curt / wrong / rude": "ordinary_train.json",
+}
+RECIPE_LABELS = {
+    "seed": "元記事の設定 / seed article",
+    "t4_safe": "T4 で安全に / safe on a T4",
+    "overtrain": "過学習で崩壊を見る / over-train to see collapse",
+    "remedies": "崩壊の対策: β↑ + SFT 項 / remedies: higher β + SFT term",
+    "ipo": "崩壊の対策: IPO / remedies: IPO",
+    "gentle": "穏やかに (β 0.5, 1 エポック) / gentle",
+}
+LOSSES = {"sigmoid (DPO)": ["sigmoid"], "ipo": ["ipo"], "hinge": ["hinge"], "robust": ["robust"],
+          "sigmoid + sft": ["sigmoid", "sft"]}
+CHART_HELP = {
+    "loss": "DPO loss: starts at log 2 ≈ 0.693 (no preference yet) and falls as the model separates the pairs.",
+    "margin": "Reward margin = reward(chosen) − reward(rejected). It grows while the model learns the preference.",
+    "accuracy": "Share of pairs in the batch whose chosen reward beats the rejected one.",
+    "rewards": "Implicit rewards β·log πθ/πref. A falling chosen reward is normal while the margin grows: "
+               "DPO pushes the rejected answer down faster.",
+}
+
+
+def is_shared_space() -> bool:
+    return os.environ.get("SPACE_ID") == SHARED_SPACE_ID
+
+
+class Limits:
+    """On the shared public Space, visitors share one GPU: cap the work. Duplicates and local runs are free."""
+
+    def __init__(self, shared: bool):
+        self.shared = shared
+        self.max_pairs = 700 if shared else 100_000
+        self.max_epochs = 3 if shared else 50
+        self.max_steps = 400 if shared else 100_000
+        self.max_new_tokens = 256 if shared else 1024
+        self.eval_prompts = 40 if shared else 1000
+        self.inspect_pairs = 100 if shared else 2000
+
+
+# ---------------------------------------------------------------- handlers (each a thin call into the engine)
+
+
+def rows_to_frame(rows: list[dict]) -> pd.DataFrame:
+    def cell(v):
+        return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+
+    return pd.DataFrame([[cell(r["prompt"]), cell(r["chosen"]), cell(r["rejected"])] for r in rows],
+                        columns=list(data.FIELDS))
+
+
+def frame_to_rows(frame: pd.DataFrame) -> list[dict]:
+    def value(v):
+        v = "" if v is None or (isinstance(v, float) and pd.isna(v)) else v
+        if isinstance(v, str) and v.lstrip().startswith("[{"):
+            try:
+                return json.loads(v)
+            except json.JSONDecodeError:
+                return v
+        return v
+
+    return [{k: value(v) for k, v in zip(data.FIELDS, row, strict=False)} for row in frame.itertuples(index=False)
+            if any(str(x).strip() for x in row if x is not None)]
+
+
+def describe(pairs: data.PreferenceData) -> str:
+    """Counts and the length-bias warning."""
+    if not len(pairs):
+        return "0 pairs"
+
+    def length(v):
+        return len(v) if isinstance(v, str) else sum(len(m["content"]) for m in v)
+
+    chosen = [length(r["chosen"]) for r in pairs.rows]
+    rejected = [length(r["rejected"]) for r in pairs.rows]
+    longer = sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(pairs)
+    text = (f"**{len(pairs)} pairs** ({'conversational' if pairs.conversational else 'standard'}) · "
+            f"mean length chosen {sum(chosen) / len(chosen):.0f} / rejected {sum(rejected) / len(rejected):.0f} chars")
+    if longer >= 0.8 or longer <= 0.2:
+        side = "longer" if longer >= 0.8 else "shorter"
+        text += (f"\n\n⚠️ **Length bias**: chosen is {side} than rejected in {max(longer, 1 - longer):.0%} of pairs. "
+                 "DPO may learn length instead of quality (a shorter chosen teaches short answers).")
+    if pairs.dropped:
+        text += "\n\nDropped: " + "; ".join(map(str, pairs.dropped[:10]))
+    return text
+
+
+def problems_markdown(error: DataError) -> str:
+    lines = [f"- {error.source}: {p}" for p in error.problems]
+    if error.more:
+        lines.append(f"- … and {error.more} more")
+    return "❌ **The data was not changed.** Problems found:\n" + "\n".join(lines)
+
+
+def load_example(name: str):
+    pairs = data.read_preferences(EXAMPLES / EXAMPLE_FILES[name])
+    return pairs.rows, rows_to_frame(pairs.rows), "✅ " + describe(pairs)
+
+
+def upload_file(path: str | None, rows: list[dict]):
+    """A rejected upload leaves the current dataset (state and table) exactly as it was."""
+    if not path:
+        return gr.update(), gr.update(), gr.update()
+    raw = Path(path).read_bytes() if os.path.getsize(path) <= data.Limits().max_bytes else None
+    name = Path(path).name.split("/")[-1]
+    try:
+        if raw is None:
+            raise DataError(name, [data.Problem(f"the file is over the cap of "
+                                                f"{data.Limits().max_bytes // 2**20} MiB (max_bytes)")])
+        pairs = data.read_preferences(raw, name=name)
+    except DataError as e:
+        return gr.update(), gr.update(), problems_markdown(e)
+    note = f" (read as {pairs.encoding})" if pairs.encoding == "cp932" else ""
+    return pairs.rows, rows_to_frame(pairs.rows), f"✅ {name}{note}: " + describe(pairs)
+
+
+def apply_edits(frame: pd.DataFrame, rows: list[dict]):
+    try:
+        pairs = data.validate_rows(frame_to_rows(frame), source="table")
+    except DataError as e:
+        return gr.update(), problems_markdown(e)
+    return pairs.rows, "✅ " + describe(pairs)
+
+
+def download_dataset(rows: list[dict]) -> str:
+    folder = Path(tempfile.mkdtemp(prefix="dpo-space-"))
+    return str(data.write_json(rows, folder / "preferences.json"))
+
+
+def build_extreme(bench: Workbench, limits: Limits, prompts_text: str, chosen: str,
+                  progress=gr.Progress()):
+    prompts = [p.strip() for p in prompts_text.split("\n") if p.strip()][: limits.max_pairs]
+    if not prompts or not chosen.strip():
+        raise gr.Error("Give at least one prompt and the fixed chosen answer.")
+    progress(0, desc="answering with the base model")
+    answers = []
+    for i in range(0, len(prompts), 8):
+        answers += generation.generate_batch(bench.model, bench.tokenizer, prompts[i : i + 8], generation.Sampling(),
+                                             use_adapter=False)
+        progress(min(1.0, (i + 8) / len(prompts)), desc=f"{min(i + 8, len(prompts))}/{len(prompts)} answered")
+    rows = [{"prompt": p, "chosen": chosen, "rejected": a} for p, a in zip(prompts, answers, strict=True)
+            if a.strip() and a != chosen]
+    pairs = data.validate_rows(rows, source="built", drop_invalid=True)
+    return pairs.rows, rows_to_frame(pairs.rows), "✅ " + describe(pairs)
+
+
+def model_choices(hardware: models.Hardware) -> list[tuple[str, str]]:
+    out = []
+    for key, preset in models.PRESETS.items():
+        label = preset.label
+        if preset.needs_gpu and hardware.device == "cpu":
+            label += " — needs a GPU"
+        out.append((label, key))
+    return out
+
+
+def recipe_values(model: str, recipe: str):
+    s = training.RunSettings.for_model(model, **training.RECIPES.get(recipe, {}))
+    loss = next((k for k, v in LOSSES.items() if v == s.loss_type), "sigmoid (DPO)")
+    return (s.beta, s.lora_r, s.num_train_epochs, s.lora_alpha, s.lora_dropout, s.lora_target_modules,
+            s.learning_rate, s.per_device_train_batch_size, s.gradient_accumulation_steps, s.max_length or 1024,
+            loss, (s.loss_weights or [1.0, 1.0])[-1], s.seed, s.load_in_4bit)
+
+
+def start_run(bench: Workbench, limits: Limits, visitor, rows, model, beta, lora_r, epochs, alpha, dropout, targets,
+              lr, batch, accum, max_length, loss, sft_weight, seed, four_bit, max_pairs, probe, system_prompt):
+    visitor = check_visitor(visitor)
+    preset = models.PRESETS.get(model)
+    if preset is None:  # the shared Space accepts only its listed models
+        raise gr.Error(f"Unknown model {model!r}: pick one of the listed presets.")
+    if preset.needs_gpu and bench.hardware.device == "cpu":
+        raise gr.Error(f"{preset.label} needs a GPU; this machine has none. Duplicate the Space onto GPU hardware.")
+    if models.preset_for(bench.model_id) is not preset:
+        raise gr.Error(f"This app serves {bench.model_id}; start it with DPO_SPACE_MODEL={model} to train that one.")
+    if not rows:
+        raise gr.Error("No data: pick an example or upload a file in the Data tab.")
+    n = min(int(max_pairs), len(rows), limits.max_pairs)
+    if epochs > limits.max_epochs:
+        raise gr.Error(f"At most {limits.max_epochs} epochs on the shared Space (duplicate it to lift the cap).")
+    loss_type = LOSSES[loss]
+    settings = training.RunSettings.for_model(
+        model, beta=float(beta), lora_r=int(lora_r), num_train_epochs=float(epochs), lora_alpha=int(alpha),
+        lora_dropout=float(dropout), lora_target_modules=list(targets), learning_rate=float(lr),
+        per_device_train_batch_size=int(batch), gradient_accumulation_steps=int(accum), max_length=int(max_length),
+        loss_type=loss_type, loss_weights=[1.0, float(sft_weight)] if len(loss_type) == 2 else None, seed=int(seed),
+        load_in_4bit=bool(four_bit), system_prompt=system_prompt or None,
+        max_steps=limits.max_steps if limits.shared else -1,
+    )
+    try:
+        pairs = data.validate_rows(rows[:n], source="dataset")
+        job = bench.submit(visitor, settings, pairs, probe=probe or None, sample_every=max(1, n // 32 or 1))
+    except DPOSpaceError as e:
+        raise gr.Error(str(e)) from None
+    return f"queued ({job.id})"
+
+
+def stop_run(bench: Workbench, visitor):
+    return "stopping after this step…" if bench.stop(check_visitor(visitor)) else "nothing to stop"
+
+
+def run_status(bench: Workbench, visitor):
+    """What the Train tab shows on every tick: status line, charts, sample timeline, downloads."""
+    empty = pd.DataFrame(columns=["step", "value", "series"])
+    job = bench.job(visitor) if visitor else None
+    if job is None:
+        return "No run yet.", empty, empty, empty, empty, pd.DataFrame(columns=["step", "answer"]), None, None, ""
+    metrics = job.metrics()
+    last = metrics[-1] if metrics else {}
+    if job.status == "queued":
+        status = f"⏳ waiting: position {bench.position(job)} in line (one training at a time)"
+    elif job.status == "running":
+        step, total = int(last.get("step", 0)), int(last.get("max_steps", 0))
+        eta = ""
+        if step and total:
+            eta = f" · ETA {last['elapsed'] / step * (total - step):.0f}s"
+        status = f"🏃 running: step {step}/{total or '?'}{eta}"
+        if last:
+            status += f" · loss {last.get('loss', float('nan')):.4f} · margin {last.get('rewards/margins', 0):.3f}"
+    else:
+        icon = {"done": "✅", "stopped": "⏹️", "failed": "❌"}[job.status]
+        status = f"{icon} {job.status}: {job.message}"
+
+    def series(*names):
+        rows = [{"step": m["step"], "value": m[n], "series": n} for m in metrics for n in names if n in m]
+        return pd.DataFrame(rows, columns=["step", "value", "series"]) if rows else empty
+
+    samples = pd.DataFrame([{"step": s["step"], "answer": s["answer"]} for s in job.samples()],
+                           columns=["step", "answer"])
+    adapter_zip = yaml_file = command = None
+    if job.status in ("done", "stopped") and job.output_dir.exists():
+        adapter_zip, yaml_file, command = run_downloads(job)
+    return (status, series("loss"), series("rewards/margins"), series("rewards/accuracies"),
+            series("rewards/chosen", "rewards/rejected"), samples, adapter_zip, yaml_file, command or "")
+
+
+def run_downloads(job) -> tuple[str, str, str]:
+    out = job.output_dir
+    archive = out.with_name(f"{out.name}-adapter.zip")
+    if not archive.exists():
+        keep = Path(tempfile.mkdtemp(prefix="dpo-space-zip-")) / "adapter"
+        keep.mkdir()
+        for name in ("adapter_model.safetensors", "adapter_config.json", "run.yaml", "metrics.csv", "train.json",
+                     "README.md"):
+            if (out / name).exists():
+                shutil.copy2(out / name, keep / name)
+        shutil.make_archive(str(archive.with_suffix("")), "zip", keep)
+        shutil.rmtree(keep.parent, ignore_errors=True)
+    model = job.settings.model_name_or_path
+    command = (f"# unzip the adapter, then, on your own GPU:\npip install -r requirements.txt\n"
+               f"python -m dpo_space train --config adapter/run.yaml --output outputs/replay\n"
+               f"# or with TRL's own script, from the adapter folder (model: {model}):\n"
+               f"cd adapter && trl dpo --config run.yaml --output_dir replay")
+    return str(archive), str(out / "run.yaml"), command
+
+
+def push_adapter(bench: Workbench, visitor, token: str, repo_id: str):
+    """Upload the visitor's adapter with their token. The token is used for this call only: never logged or saved."""
+    job = bench.job(check_visitor(visitor))
+    if job is None or job.status not in ("done", "stopped"):
+        return "Train a model first."
+    if not token or not repo_id or "/" not in repo_id:
+        return "Give a write token and a repository name like user/name."
+    from huggingface_hub import HfApi
+
+    files = ["adapter_model.safetensors", "adapter_config.json", "run.yaml", "README.md"]
+    try:
+        api = HfApi(token=token)
+        api.create_repo(repo_id, exist_ok=True, private=True)
+        api.upload_folder(folder_path=str(job.output_dir), repo_id=repo_id, allow_patterns=files)
+    except Exception as e:  # network, auth, name: say which without echoing the token
+        return f"Push failed: {type(e).__name__}: {str(e).replace(token, '***')[:300]}"
+    return f"Pushed to https://huggingface.co/{repo_id} (private)."
+
+
+def sampling_from(temperature, top_p, max_new_tokens, seed, system_prompt, limits: Limits) -> generation.Sampling:
+    return generation.Sampling(temperature=float(temperature), top_p=float(top_p),
+                               max_new_tokens=min(int(max_new_tokens), limits.max_new_tokens), seed=int(seed),
+                               system_prompt=system_prompt or None)
+
+
+def measures_markdown(text: str, reward: float | None) -> str:
+    m = collapse.measure(text)
+    parts = [f"refusal **{'yes' if m.refusal else 'no'}**", f"distinct-2 {m.distinct_2:.2f}",
+             f"repetition {m.repetition:.2f}", f"{m.length} chars"]
+    if reward is not None:
+        parts.append(f"implicit reward {reward:+.2f}")
+    return " · ".join(parts)
+
+
+def compare(bench: Workbench, limits: Limits, visitor, prompt, base_history, dpo_history, temperature, top_p,
+            max_new_tokens, seed, system_prompt):
+    """Stream the base answer, then the DPO answer, to the same prompt with the same seed; each side keeps its own
+    conversation."""
+    visitor = check_visitor(visitor)
+    if not prompt or not prompt.strip():
+        raise gr.Error("Type a prompt first.")
+    sampling = sampling_from(temperature, top_p, max_new_tokens, seed, system_prompt, limits)
+    has_dpo = bench.adapter_name(visitor) is not None
+    base_history = list(base_history or []) + [{"role": "user", "content": prompt}]
+    dpo_history = list(dpo_history or []) + [{"role": "user", "content": prompt}]
+    answers = {"base": "", "dpo": ""}
+    for side, history in (("base", base_history), ("dpo", dpo_history)):
+        history.append({"role": "assistant", "content": ""})
+        if side == "dpo" and not has_dpo:
+            history[-1]["content"] = "(no DPO model yet: train one in the Train tab)"
+            break
+        conversation = [m for m in history[:-1]]
+        for text in bench.answer(visitor, conversation, sampling, dpo=side == "dpo"):
+            history[-1]["content"] = answers[side] = text
+            yield base_history, dpo_history, "", "", ""
+    beta = bench.job(visitor).settings.beta if has_dpo and bench.job(visitor) else 0.1
+    conversation = base_history[:-1]
+    rewards = bench.rewards(visitor, conversation, [answers["base"], answers["dpo"]], beta, sampling.system_prompt) \
+        if has_dpo else [None, None]
+    yield (base_history, dpo_history, "", measures_markdown(answers["base"], rewards[0]),
+           measures_markdown(answers["dpo"], rewards[1]) if has_dpo else "")
+
+
+def evaluate(bench: Workbench, limits: Limits, visitor, prompts_text, temperature, top_p, max_new_tokens, seed,
+             system_prompt, progress=gr.Progress()):
+    visitor = check_visitor(visitor)
+    name = bench.adapter_name(visitor)
+    if name is None:
+        raise gr.Error("No DPO model yet: train one in the Train tab first.")
+    prompts = [p.strip() for p in (prompts_text or "").split("\n") if p.strip()]
+    if not prompts:
+        prompts = data.read_prompts(EXAMPLES / "wakarimasen_eval.json")
+    prompts = prompts[: limits.eval_prompts]
+    sampling = sampling_from(temperature, top_p, max_new_tokens, seed, system_prompt, limits)
+    done = [0]
+
+    def tick(n):
+        done[0] += n
+        progress(done[0] / (2 * len(prompts)), desc=f"{done[0]}/{2 * len(prompts)} answers")
+
+    report = generation.evaluate(bench.model, bench.tokenizer, prompts, sampling, adapter_name=name, progress=tick)
+    table = pd.DataFrame([{
+        "prompt": r["prompt"], "base": r["base"], "dpo": r["dpo"],
+        "base refusal": r["base_measures"]["refusal"], "dpo refusal": r["dpo_measures"]["refusal"],
+        "base repetition": round(r["base_measures"]["repetition"], 3),
+        "dpo repetition": round(r["dpo_measures"]["repetition"], 3),
+    } for r in report["rows"]])
+    summary = report["summary"]
+    chart = pd.DataFrame([{"measure": k, "value": float(summary[side][k]), "model": side}
+                          for side in ("base", "dpo") for k in ("refusal_rate", "distinct_2", "repetition")])
+    text = "\n".join(f"- **{side}**: refusal {s['refusal_rate']:.0%} · distinct-2 {s['distinct_2']:.2f} · "
+                     f"repetition {s['repetition']:.2f} · mean length {s['mean_length']:.0f}"
+                     for side, s in summary.items())
+    return table, text, chart, frame_to_csv(table, "evaluation.csv")
+
+
+def inspect_pairs(bench: Workbench, limits: Limits, visitor, rows, system_prompt, progress=gr.Progress()):
+    visitor = check_visitor(visitor)
+    name = bench.adapter_name(visitor)
+    if name is None:
+        raise gr.Error("No DPO model yet: train one in the Train tab first.")
+    if not rows:
+        raise gr.Error("No data loaded.")
+    rows = rows[: limits.inspect_pairs]
+    beta = bench.job(visitor).settings.beta
+    done = [0]
+
+    def tick(n):
+        done[0] += n
+        progress(done[0] / len(rows), desc=f"{done[0]}/{len(rows)} pairs")
+
+    report = generation.pair_report(bench.model, bench.tokenizer, rows, beta, system_prompt or None,
+                                    adapter_name=name, progress=tick)
+    table = pd.DataFrame(report).round(3)
+    right = sum(r["ranked_right"] for r in report) / len(report)
+    return table, f"The DPO model ranks **{right:.0%}** of {len(report)} pairs right (wrong ones first).", \
+        frame_to_csv(table, "pairs.csv")
+
+
+def frame_to_csv(frame: pd.DataFrame, name: str) -> str:
+    path = Path(tempfile.mkdtemp(prefix="dpo-space-")) / name
+    buffer = io.StringIO()
+    frame.to_csv(buffer, index=False, quoting=csv.QUOTE_MINIMAL)
+    path.write_text(buffer.getvalue(), encoding="utf-8-sig")  # with a BOM so Excel reads Japanese right
+    return str(path)
+
+
+LEARN = r"""
+## DPO in five formulas
+
+**1. The reward model of RLHF** learns from pairs: the chosen answer $y_w$ should score above the rejected $y_l$.
+$$\mathcal{L}_R(r_\phi) = -\mathbb{E}_{(x,y_w,y_l)}\left[\log \sigma\big(r_\phi(x,y_w) - r_\phi(x,y_l)\big)\right]$$
+
+**2. The policy of RLHF** maximises that reward but stays close to the reference model (the KL term, weight $\beta$):
+$$\max_{\pi_\theta}\ \mathbb{E}_{x,\,y\sim\pi_\theta}\left[r_\phi(x,y)\right] - \beta\, D_{KL}\big(\pi_\theta(y|x)\,\|\,\pi_{ref}(y|x)\big)$$
+
+**3. DPO** solves (2) in closed form and puts the solution into (1): no reward model, no sampling, one loss.
+$$\mathcal{L}_{DPO} = -\mathbb{E}\left[\log\sigma\left(\beta\log\frac{\pi_\theta(y_w|x)}{\pi_{ref}(y_w|x)} - \beta\log\frac{\pi_\theta(y_l|x)}{\pi_{ref}(y_l|x)}\right)\right]$$
+At the start $\pi_\theta=\pi_{ref}$, so the loss is $\log 2 \approx 0.693$: **the first point of the loss chart**.
+
+**4. The implicit reward** of any answer is how much more likely the tuned model makes it:
+$$\hat r_\theta(x,y) = \beta\log\frac{\pi_\theta(y|x)}{\pi_{ref}(y|x)}$$
+The **rewards chart** draws it for chosen and rejected; the **margin chart** their difference; **accuracy** is the
+share of pairs with a positive margin. Under each Compare answer you see its implicit reward.
+
+**5. β** is the leash. A small β lets the policy drift far from the reference for a small gain in margin; a large β
+keeps it close. Try the recipes: *over-train* (small β, more epochs) against *remedies* (β 0.5 with an SFT term).
+
+## The lesson of the collapse
+In the わかりません set every chosen answer is the same refusal. DPO does exactly what it is told: it raises that
+refusal and pushes every helpful answer down, for all prompts, and a model pushed far from its reference loses
+fluency too, so its answers fall into 「分かりません」 and repetition — the seed article's result, measured in the
+Evaluate tab (refusal rate, distinct-2, repeated n-grams). The data decides what "preferred" means; β and the
+length of training decide how far the model may go to get there.
+"""
+
+
+def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> gr.Blocks:
+    bench = bench or Workbench(os.environ.get("DPO_SPACE_MODEL", models.EMBEDDED))
+    limits = Limits(is_shared_space() if shared is None else shared)
+    default_model = getattr(models.preset_for(bench.model_id), "key", models.EMBEDDED)
+    defaults = recipe_values(default_model, "seed")
+
+    with gr.Blocks(title="DPO Space") as app:
+        visitor = gr.BrowserState(None, storage_key="dpo_space_visitor")
+        rows = gr.State([])
+        gr.Markdown("# DPO Space\nSee what Direct Preference Optimization does to a language model: data → "
+                    "4-bit QLoRA DPO → base and DPO side by side." +
+                    ("\n\n*Shared Space: runs are capped. Duplicate the Space to lift the caps.*" if limits.shared
+                     else ""))
+
+        with gr.Tab(i18n("data")):
+            with gr.Row():
+                example = gr.Dropdown(list(EXAMPLE_FILES), value=list(EXAMPLE_FILES)[0], label=i18n("example"))
+                load = gr.Button(i18n("load_example"))
+                upload = gr.File(label=i18n("upload"), file_types=[".json", ".jsonl"], type="filepath", elem_id="upload")
+            report = gr.Markdown(elem_id="data-report")
+            table = gr.Dataframe(headers=list(data.FIELDS), column_count=(3, "fixed"), interactive=True, wrap=True,
+                                 max_height=420, column_widths=["30%", "35%", "35%"], label=i18n("rows"), elem_id="data-table")
+            download = gr.DownloadButton(i18n("download"))
+            with gr.Accordion(i18n("extreme"), open=False):
+                extreme_prompts = gr.Textbox(lines=5, label=i18n("extreme_prompts"))
+                extreme_chosen = gr.Textbox(data.SEED_REFUSAL, label=i18n("extreme_chosen"))
+                extreme_build = gr.Button(i18n("extreme_build"))
+
+        with gr.Tab(i18n("train")):
+            with gr.Row():
+                model = gr.Dropdown(model_choices(bench.hardware), value=default_model, label=i18n("model"))
+                recipe = gr.Dropdown([(v, k) for k, v in RECIPE_LABELS.items()], value="seed", label=i18n("recipe"))
+            with gr.Row():
+                beta = gr.Slider(0.01, 1.0, value=defaults[0], step=0.01, label="beta (β)")
+                lora_r = gr.Slider(1, 64, value=defaults[1], step=1, label="LoRA rank r")
+                epochs = gr.Slider(0.25, 10, value=defaults[2], step=0.25, label=i18n("epochs"))
+            with gr.Accordion(i18n("advanced"), open=False):
+                with gr.Row():
+                    alpha = gr.Number(defaults[3], label="lora_alpha", precision=0)
+                    dropout = gr.Number(defaults[4], label="lora_dropout")
+                    targets = gr.CheckboxGroup(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"], value=defaults[5], label="target modules")
+                with gr.Row():
+                    lr = gr.Number(defaults[6], label="learning_rate")
+                    batch = gr.Number(defaults[7], label="per_device_train_batch_size", precision=0)
+                    accum = gr.Number(defaults[8], label="gradient_accumulation_steps", precision=0)
+                    max_length = gr.Number(defaults[9], label="max_length", precision=0)
+                with gr.Row():
+                    loss = gr.Dropdown(list(LOSSES), value=defaults[10], label="loss_type")
+                    sft_weight = gr.Number(defaults[11], label="SFT weight (sigmoid + sft)")
+                    seed = gr.Number(defaults[12], label="seed", precision=0)
+                    four_bit = gr.Checkbox(defaults[13], label="4-bit (nf4)")
+                with gr.Row():
+                    max_pairs = gr.Number(650, label=i18n("max_pairs"), precision=0)
+                    probe = gr.Textbox("人はどんなことをしてもらうと嬉しいですか?", label=i18n("probe"))
+                    system_prompt = gr.Textbox(data.SEED_SYSTEM_PROMPT, label="system prompt")
+            with gr.Row():
+                start = gr.Button(i18n("start"), variant="primary", elem_id="start")
+                stop = gr.Button(i18n("stop"), variant="stop")
+            status = gr.Markdown("No run yet.", elem_id="run-status")
+            with gr.Row():
+                loss_plot = gr.LinePlot(x="step", y="value", color="series", title="loss", caption=CHART_HELP["loss"],
+                                        elem_id="loss-plot")
+                margin_plot = gr.LinePlot(x="step", y="value", color="series", title="reward margin",
+                                          caption=CHART_HELP["margin"])
+            with gr.Row():
+                accuracy_plot = gr.LinePlot(x="step", y="value", color="series", title="reward accuracy",
+                                            caption=CHART_HELP["accuracy"], y_lim=[0, 1])
+                rewards_plot = gr.LinePlot(x="step", y="value", color="series", title="rewards chosen / rejected",
+                                           caption=CHART_HELP["rewards"])
+            samples = gr.Dataframe(headers=["step", "answer"], label=i18n("samples"), wrap=True, interactive=False)
+            with gr.Row():
+                adapter_zip = gr.File(label="adapter (zip)", interactive=False)
+                run_yaml = gr.File(label="run.yaml", interactive=False)
+            replay = gr.Code(label="replay on your own GPU", language="shell", interactive=False)
+            with gr.Accordion(i18n("push"), open=False):
+                token = gr.Textbox(type="password", label=i18n("token"))
+                repo = gr.Textbox(label=i18n("repo"))
+                push = gr.Button(i18n("push"))
+                push_result = gr.Markdown()
+            timer = gr.Timer(1.0)
+
+        with gr.Tab(i18n("compare")):
+            with gr.Row():
+                base_chat = gr.Chatbot(label=i18n("base"), height=380, elem_id="base-chat")
+                dpo_chat = gr.Chatbot(label=i18n("dpo"), height=380, elem_id="dpo-chat")
+            with gr.Row():
+                base_measures = gr.Markdown(elem_id="base-measures")
+                dpo_measures = gr.Markdown(elem_id="dpo-measures")
+            with gr.Row():
+                prompt = gr.Textbox(label=i18n("prompt"), scale=4, elem_id="compare-prompt")
+                send = gr.Button(i18n("send"), variant="primary", elem_id="send")
+                clear = gr.Button(i18n("clear"))
+            with gr.Accordion(i18n("sampling"), open=False):
+                with gr.Row():
+                    temperature = gr.Slider(0, 1.5, value=0.6, step=0.05, label="temperature (0: greedy)")
+                    top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="top_p")
+                    max_new = gr.Slider(16, limits.max_new_tokens, value=256, step=16, label="max_new_tokens")
+                    sample_seed = gr.Number(0, label="seed", precision=0)
+                chat_system = gr.Textbox(data.SEED_SYSTEM_PROMPT, label="system prompt")
+
+        with gr.Tab(i18n("evaluate")):
+            eval_prompts = gr.Textbox(lines=4, label=i18n("eval_prompts"))
+            run_eval = gr.Button(i18n("run_eval"), variant="primary")
+            eval_summary = gr.Markdown()
+            eval_chart = gr.BarPlot(x="measure", y="value", color="model", title="base vs DPO")
+            eval_table = gr.Dataframe(wrap=True, interactive=False)
+            eval_csv = gr.File(label="CSV", interactive=False)
+            inspect = gr.Button(i18n("inspect"))
+            inspect_summary = gr.Markdown()
+            inspect_table = gr.Dataframe(interactive=False)
+            inspect_csv = gr.File(label="CSV", interactive=False)
+
+        with gr.Tab(i18n("learn")):
+            gr.Markdown(LEARN, latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
+                                                 {"left": "$", "right": "$", "display": False}])
+
+        # ---- wiring: every handler is a thin call into the engine
+        def ensure_visitor(current):
+            try:
+                return check_visitor(current)
+            except DPOSpaceError:
+                return new_visitor_id()
+
+        app.load(ensure_visitor, visitor, visitor, api_name="visitor")
+        app.load(load_example, example, [rows, table, report], api_name=False)
+        load.click(load_example, example, [rows, table, report], api_name="load_example")
+        upload.upload(upload_file, [upload, rows], [rows, table, report], api_name="upload")
+        table.input(apply_edits, [table, rows], [rows, report], api_name="edit")
+        download.click(download_dataset, rows, download, api_name="download")
+        extreme_build.click(lambda p, c, progress=gr.Progress(): build_extreme(bench, limits, p, c, progress),
+                            [extreme_prompts, extreme_chosen], [rows, table, report], api_name="build_extreme")
+
+        advanced = [beta, lora_r, epochs, alpha, dropout, targets, lr, batch, accum, max_length, loss, sft_weight,
+                    seed, four_bit]
+        recipe.change(recipe_values, [model, recipe], advanced, api_name=False)
+        model.change(recipe_values, [model, recipe], advanced, api_name=False)
+        start.click(lambda *a: start_run(bench, limits, *a),
+                    [visitor, rows, model, *advanced, max_pairs, probe, system_prompt], status, api_name="train")
+        stop.click(lambda v: stop_run(bench, v), visitor, status, api_name="stop")
+        outputs = [status, loss_plot, margin_plot, accuracy_plot, rewards_plot, samples, adapter_zip, run_yaml, replay]
+        timer.tick(lambda v: run_status(bench, v), visitor, outputs, api_name="status", show_progress="hidden")
+        push.click(lambda v, t, r: push_adapter(bench, v, t, r), [visitor, token, repo], push_result,
+                   api_name="push")
+
+        sampling_inputs = [temperature, top_p, max_new, sample_seed, chat_system]
+        send.click(lambda *a: (yield from compare(bench, limits, *a)),
+                   [visitor, prompt, base_chat, dpo_chat, *sampling_inputs],
+                   [base_chat, dpo_chat, prompt, base_measures, dpo_measures], api_name="compare")
+        prompt.submit(lambda *a: (yield from compare(bench, limits, *a)),
+                      [visitor, prompt, base_chat, dpo_chat, *sampling_inputs],
+                      [base_chat, dpo_chat, prompt, base_measures, dpo_measures], api_name=False)
+        clear.click(lambda: ([], [], "", ""), None, [base_chat, dpo_chat, base_measures, dpo_measures],
+                    api_name="clear")
+        run_eval.click(lambda *a, progress=gr.Progress(): evaluate(bench, limits, *a, progress=progress),
+                       [visitor, eval_prompts, *sampling_inputs], [eval_table, eval_summary, eval_chart, eval_csv],
+                       api_name="evaluate")
+        inspect.click(lambda v, r, s, progress=gr.Progress(): inspect_pairs(bench, limits, v, r, s, progress),
+                      [visitor, rows, chat_system], [inspect_table, inspect_summary, inspect_csv],
+                      api_name="inspect")
+    app.queue(default_concurrency_limit=4)
+    return app
+
+
+def launch(app: gr.Blocks, **kwargs):
+    """`app.launch` with the UI's translations (Japanese by default, English by the browser's language)."""
+    return app.launch(i18n=i18n, **kwargs)

@@ -1,0 +1,99 @@
+"""A person's journey in a real headless Chromium (Debian's package, driven by Playwright).
+
+Screenshots of each tab go to test-artifacts/ (kept by CI as artifacts).
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.test_ui import free_port
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
+                                reason="Debian's chromium is not installed (.ci/run installs it)")
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def page_url(tmp_path_factory):
+    from dpo_space import models
+    from dpo_space.ui import build_app, launch
+    from dpo_space.workbench import Workbench
+
+    app = build_app(Workbench(models.EMBEDDED, root=tmp_path_factory.mktemp("space")), shared=False)
+    port = free_port()
+    launch(app, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def page(page_url):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--disable-quic"],
+        )
+        context = browser.new_context(locale="ja-JP", viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        page.goto(page_url)
+        yield page
+        browser.close()
+
+
+def shot(page, name):
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_journey(page, tmp_path):
+    # Data: the わかりません example is loaded on open
+    page.get_by_text("650 pairs").first.wait_for()
+    assert page.locator("#data-table").get_by_text("分かりません").count() > 0
+    shot(page, "1-data")
+
+    # Train on a small subset and see chart points appear
+    page.get_by_role("tab", name="学習").click()
+    page.get_by_text("詳細設定").click()
+    pairs = page.get_by_label("使うペア数の上限")
+    pairs.fill("24")
+    pairs.press("Tab")
+    page.locator("#start").click()
+    page.locator("#run-status").get_by_text("step").first.wait_for(timeout=60_000)
+    page.locator("#run-status").get_by_text("done").wait_for(timeout=180_000)
+    assert page.locator("#loss-plot canvas, #loss-plot svg").count() > 0
+    shot(page, "2-train")
+
+    # Compare: both columns answer the same prompt
+    page.get_by_role("tab", name="比較").click()
+    page.locator("#compare-prompt textarea").fill("人はどんなことをしてもらうと嬉しいですか?")
+    page.locator("#send").click()
+    page.locator("#dpo-measures").get_by_text("implicit reward").wait_for(timeout=60_000)
+    assert page.locator("#base-chat").inner_text().strip() and page.locator("#dpo-chat").inner_text().strip()
+    shot(page, "3-compare")
+
+    page.get_by_role("tab", name="評価").click()
+    shot(page, "4-evaluate")
+    page.get_by_role("tab", name="解説").click()
+    page.get_by_text("DPO in five formulas").wait_for()
+    shot(page, "5-learn")
+
+    # Data: a broken upload shows its error and the dataset stays
+    page.get_by_role("tab", name="データ").click()
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps([{"prompt": "q", "chosen": "a", "rejected": "a"}]), encoding="utf-8")
+    page.locator("#upload input[type=file]").set_input_files(str(broken))
+    page.locator("#data-report").get_by_text("row 1").wait_for()
+    assert "identical" in page.locator("#data-report").inner_text()
+    assert page.locator("#data-table").get_by_text("分かりません").count() > 0
+    shot(page, "6-broken-upload")
+    assert Path(ARTIFACTS / "3-compare.png").stat().st_size > 10_000

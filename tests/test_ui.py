@@ -1,0 +1,130 @@
+"""The Space through its public API (gradio_client), as a second program would use it."""
+
+import json
+import socket
+import time
+
+import pytest
+
+gradio_client = pytest.importorskip("gradio_client")
+
+from dpo_space import models  # noqa: E402
+from dpo_space.workbench import Workbench  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from dpo_space.ui import build_app, launch
+
+    bench = Workbench(models.EMBEDDED, root=tmp_path_factory.mktemp("space"))
+    app = build_app(bench, shared=False)
+    port = free_port()
+    launch(app, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/", bench
+    app.close()
+
+
+@pytest.fixture()
+def client(server):
+    return gradio_client.Client(server[0], verbose=False)
+
+
+def new_visitor(client) -> str:
+    visitor = client.predict(None, api_name="/visitor")
+    assert len(visitor) == 32
+    return visitor
+
+
+TRAIN_ARGS = dict(model=models.EMBEDDED, beta=0.1, lora_r=8, epochs=1, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"],
+                  lr=5e-4, batch=8, accum=1, max_length=256, loss="sigmoid (DPO)", sft_weight=1.0, seed=0,
+                  four_bit=True, max_pairs=32, probe="人はどんなことをしてもらうと嬉しいですか?",
+                  system_prompt="あなたは日本語チャットbotです。ユーザの質問答えてください。")
+
+
+def train_args(visitor):
+    return [visitor, *TRAIN_ARGS.values()]
+
+
+def wait_for(client, visitor, states=("done", "stopped", "failed"), timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        result = client.predict(visitor, api_name="/status")
+        if any(s in result[0] for s in states):
+            return result
+        time.sleep(1)
+    raise AssertionError(f"run did not finish: {result[0]}")
+
+
+def test_data_example_upload_edit_download(client, tmp_path):
+    table, report = client.predict(next(iter(__import__("dpo_space.ui").ui.EXAMPLE_FILES)), api_name="/load_example")
+    assert "pairs" in report and len(table["data"]) > 100
+    # a broken upload: an error naming the file, and the dataset stays as it was
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"prompt": "q", "chosen": "a"}]', encoding="utf-8")
+    _, report = client.predict(gradio_client.handle_file(str(broken)), api_name="/upload")
+    assert "broken.json: row 1: 'rejected': is missing" in report and "not changed" in report
+    kept = json.loads(open(client.predict(api_name="/download"), encoding="utf-8").read())
+    assert len(kept) == len(table["data"])
+    # a good upload replaces it, Shift-JIS too
+    good = tmp_path / "good.json"
+    good.write_bytes(json.dumps([{"prompt": "質問", "chosen": "良い答え", "rejected": "悪い"}],
+                                ensure_ascii=False).encode("cp932"))
+    table, report = client.predict(gradio_client.handle_file(str(good)), api_name="/upload")
+    assert "1 pairs" in report and "cp932" in report and table["data"][0][0] == "質問"
+    # an edit that breaks a row is refused with its row and field
+    report = client.predict({"headers": ["prompt", "chosen", "rejected"], "data": [["質問", "同じ", "同じ"]]},
+                            api_name="/edit")
+    assert "row 1: 'rejected': is identical" in report
+
+
+def test_train_compare_evaluate_inspect(client, server):
+    visitor = new_visitor(client)
+    client.predict(next(iter(__import__("dpo_space.ui").ui.EXAMPLE_FILES)), api_name="/load_example")
+    assert "queued" in client.predict(*train_args(visitor), api_name="/train")
+    with pytest.raises(Exception, match="already have a run"):
+        client.predict(*train_args(visitor), api_name="/train")
+    result = wait_for(client, visitor)
+    assert "done" in result[0], result[0]
+    loss = result[1]["data"]
+    assert len(loss) == 4 and loss[0][1] == pytest.approx(0.6931, abs=1e-3)  # 32 pairs / batch 8
+    assert result[5]["data"], "the sample timeline has entries"
+    assert result[6].endswith("-adapter.zip") and result[7].endswith("run.yaml")
+    assert "trl dpo --config run.yaml" in result[8]
+
+    base, dpo, _, base_m, dpo_m = client.predict(visitor, "人はどんなことをしてもらうと嬉しいですか?", [], [], 0.6, 0.9,
+                                                  64, 0, "あなたは日本語チャットbotです。ユーザの質問答えてください。",
+                                                  api_name="/compare")
+    assert base[-1]["role"] == "assistant" and base[-1]["content"]
+    assert dpo[-1]["content"] and "implicit reward" in dpo_m and "distinct-2" in base_m
+
+    table, summary, chart, csv_path = client.predict(visitor, "旅行の準備は?\n部屋の掃除のコツは?", 0.6, 0.9, 32, 0, "",
+                                                     api_name="/evaluate")
+    assert len(table["data"]) == 2 and "refusal" in summary and csv_path.endswith(".csv")
+
+    table, summary, _ = client.predict(visitor, "", api_name="/inspect")
+    assert "ranks" in summary and len(table["data"]) == 650
+
+    assert "Give a write token" in client.predict(visitor, "", "", api_name="/push")
+
+
+def test_second_training_waits_in_line(server):
+    a, b = (gradio_client.Client(server[0], verbose=False) for _ in range(2))
+    va, vb = new_visitor(a), new_visitor(b)
+    for c in (a, b):
+        c.predict(next(iter(__import__("dpo_space.ui").ui.EXAMPLE_FILES)), api_name="/load_example")
+    a.predict(*train_args(va), api_name="/train")
+    b.predict(*train_args(vb), api_name="/train")
+    assert "position 1 in line" in b.predict(vb, api_name="/status")[0]
+    # b stops while waiting: it never runs; a is unaffected
+    assert "stopping" in b.predict(vb, api_name="/stop")
+    assert "done" in wait_for(a, va)[0]
+    assert "stopped" in wait_for(b, vb)[0]
+    # each visitor's adapter answers only that visitor
+    bench = server[1]
+    assert bench.adapter_name(va) and bench.adapter_name(vb) is None
