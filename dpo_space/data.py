@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,13 +79,7 @@ def read_preferences(
     if isinstance(source, (str, Path)):
         path = Path(source)
         name = name or path.name
-        try:
-            size = path.stat().st_size
-        except OSError as e:
-            raise DataError(name, [Problem(f"cannot read the file ({e.strerror})")]) from None
-        if size > limits.max_bytes:
-            raise DataError(name, [Problem(_too_big(size, limits))])
-        raw = path.read_bytes()
+        raw = _read_file(path, name, limits)
     else:
         name = name or "upload"
         raw = source
@@ -97,16 +92,34 @@ def read_preferences(
     return data
 
 
+def _read_file(path: Path, name: str, limits: Limits) -> bytes:
+    """The file's bytes; one over `max_bytes` is refused without reading it all, one we cannot open is named."""
+    try:
+        size = path.stat().st_size
+        if size > limits.max_bytes:
+            raise DataError(name, [Problem(_too_big(size, limits))])
+        with path.open("rb") as f:
+            raw = f.read(limits.max_bytes + 1)
+    except OSError as e:
+        raise DataError(name, [Problem(f"cannot read the file ({e.strerror})")]) from None
+    if len(raw) > limits.max_bytes:
+        raise DataError(name, [Problem(_too_big(len(raw), limits))])
+    return raw
+
+
 def _too_big(size: int, limits: Limits) -> str:
     return f"the file is {size / 2**20:.1f} MiB, over the cap of {limits.max_bytes / 2**20:.0f} MiB (max_bytes)"
 
 
 def decode(raw: bytes, name: str) -> tuple[str, str]:
-    """Bytes to text: UTF-8 (BOM or not), UTF-16 with a BOM, or a Japanese Shift-JIS/CP932 file."""
-    if b"\x00" in raw and not raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise DataError(name, [Problem("the file contains NUL bytes: it looks binary, not JSON text")])
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+    """Bytes to text: UTF-8 (BOM or not), UTF-16 or UTF-32 with a BOM, or a Japanese Shift-JIS/CP932 file."""
+    if raw.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        candidates = ["utf-32"]
+    elif raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         candidates = ["utf-16"]
+    elif b"\x00" in raw:
+        nul = "the file contains NUL bytes: it looks binary (or UTF-16 without a BOM), not UTF-8 JSON text"
+        raise DataError(name, [Problem(nul)])
     else:
         candidates = ["utf-8-sig", "cp932"]
     for encoding in candidates:
@@ -127,7 +140,7 @@ def _parse_json_rows(text: str, name: str, split: str | None, limits: Limits) ->
     if name.lower().endswith(".jsonl") or (not name.lower().endswith(".json") and _looks_like_jsonl(text)):
         return _parse_jsonl(text, name, limits)
     try:
-        value = json.loads(text)
+        value = _loads(text)
     except json.JSONDecodeError as e:
         if _looks_like_jsonl(text):
             return _parse_jsonl(text, name, limits)
@@ -138,6 +151,32 @@ def _parse_json_rows(text: str, name: str, split: str | None, limits: Limits) ->
     if len(rows) > limits.max_rows:
         raise DataError(name, [Problem(f"{len(rows)} rows, over the cap of {limits.max_rows} rows (max_rows)")])
     return list(enumerate(rows, start=1))
+
+
+class _Object(dict):
+    """A JSON object that repeats keys (the last value wins); `repeated` names them."""
+
+    repeated: tuple[str, ...] = ()
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        obj = _Object(pairs)
+        obj.repeated = tuple(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+    return obj
+
+
+def _number(text: str) -> int | float:
+    """An integer literal; one too long for int() (over 4300 digits) becomes a float instead of an error."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, object_pairs_hook=_object, parse_int=_number)
 
 
 def _looks_like_jsonl(text: str) -> bool:
@@ -153,9 +192,9 @@ def _parse_jsonl(text: str, name: str, limits: Limits) -> list[tuple[int, Any]]:
         if len(rows) + len(problems) >= limits.max_rows:
             raise DataError(name, [Problem(f"more than {limits.max_rows} rows, over the cap (max_rows)")])
         try:
-            rows.append((number, json.loads(line)))
+            rows.append((number, _loads(line)))
         except json.JSONDecodeError as e:
-            problems.append(Problem(f"not valid JSON ({e.msg}, column {e.colno})", number))
+            problems.append(Problem(f"not valid JSON ({e.msg.removesuffix(' at')}, column {e.colno})", number))
         except RecursionError:
             problems.append(Problem("nested too deeply", number))
     if problems:
@@ -171,13 +210,16 @@ def _json_message(e: json.JSONDecodeError, text: str) -> str:
         hint = ": it looks like CSV; convert it to JSON with 'prompt', 'chosen' and 'rejected' keys"
     else:
         hint = ""
-    return f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}){hint}"
+    return f"not valid JSON ({e.msg.removesuffix(' at')} at line {e.lineno}, column {e.colno}){hint}"
 
 
 def _rows_of(value: Any, name: str, split: str | None) -> list:
     if isinstance(value, list):
         return value
     if isinstance(value, dict):
+        repeated = [key for key in getattr(value, "repeated", ()) if isinstance(value[key], list)]
+        if repeated:
+            raise DataError(name, [Problem("appears more than once: keep one", field=key) for key in repeated])
         if split is not None:
             if not isinstance(value.get(split), list):
                 raise DataError(name, [Problem(f"no list of rows under the split key '{split}'")])
@@ -185,6 +227,8 @@ def _rows_of(value: Any, name: str, split: str | None) -> list:
         lists = {k: v for k, v in value.items() if isinstance(v, list)}
         if "train" in lists:
             return lists["train"]
+        if "train" in value and not {"chosen", "rejected"} <= value.keys():
+            raise DataError(name, [Problem(f"must be a list of rows, got {_kind(value['train'])}", field="train")])
         if len(lists) == 1 and not {"chosen", "rejected"} & value.keys():
             return next(iter(lists.values()))
         if {"chosen", "rejected"} <= value.keys():
@@ -252,7 +296,9 @@ def validate_rows(
 def _normalise_row(value: Any, n: int, limits: Limits) -> tuple[dict | None, list[Problem]]:
     if not isinstance(value, dict):
         return None, [Problem(f"expected an object with 'prompt', 'chosen' and 'rejected', got {_kind(value)}", n)]
-    problems = [Problem("is missing", n, key) for key in ("chosen", "rejected") if value.get(key) is None]
+    problems = [Problem("appears more than once in the row: keep one", n, key)
+                for key in getattr(value, "repeated", ()) if key in FIELDS]
+    problems += [Problem("is missing", n, key) for key in ("chosen", "rejected") if value.get(key) is None]
     if problems:
         return None, problems
     row = {key: value[key] for key in FIELDS if value.get(key) is not None}
@@ -264,13 +310,13 @@ def _normalise_row(value: Any, n: int, limits: Limits) -> tuple[dict | None, lis
         return None, [Problem("mixes plain text and message lists: use one or the other in a row", n)]
     if "prompt" not in row:  # implicit prompt: the shared opening of chosen and rejected
         row = extract_prompt(row)
-        if not row["prompt"] or not row["chosen"] or not row["rejected"]:
+        shared = row["prompt"]  # TRL's extract_prompt can return text that is not an opening of 'rejected'
+        if not shared or value["rejected"][: len(shared)] != shared or _check_field(shared, "prompt", n, limits, False):
             return None, [Problem("no 'prompt', and 'chosen' and 'rejected' share no opening turn to take it from", n)]
-        if isinstance(row["chosen"], list):
-            problems += _check_field(row["chosen"], "chosen", n, limits, completion=True)
-            problems += _check_field(row["rejected"], "rejected", n, limits, completion=True)
-            if problems:
-                return None, problems
+        problems += _check_field(row["chosen"], "chosen", n, limits, completion=True)
+        problems += _check_field(row["rejected"], "rejected", n, limits, completion=True)
+        if problems:
+            return None, problems
     if row["chosen"] == row["rejected"]:
         return None, [Problem("is identical to 'chosen': the pair teaches nothing", n, "rejected")]
     return row, []
@@ -282,6 +328,8 @@ def _check_field(item: Any, key: str, n: int, limits: Limits, completion: bool) 
             return [Problem("is empty", n, key)]
         if len(item) > limits.max_chars:
             return [Problem(f"has {len(item)} characters, over the cap of {limits.max_chars} (max_chars)", n, key)]
+        if not _utf8(item):
+            return [Problem(_SURROGATE, n, key)]
         return []
     if not isinstance(item, list):
         return [Problem(f"must be text or a list of messages, got {_kind(item)}", n, key)]
@@ -293,12 +341,16 @@ def _check_field(item: Any, key: str, n: int, limits: Limits, completion: bool) 
             problems.append(Problem(f"message {i} must be an object with 'role' and 'content'", n, key))
             continue
         role, content = message.get("role"), message.get("content")
+        problems += [Problem(f"message {i} has {k!r} more than once", n, key)
+                     for k in getattr(message, "repeated", ()) if k in ("role", "content")]
         if role not in ROLES:
             problems.append(Problem(f"message {i} has role {role!r}; use one of {', '.join(ROLES)}", n, key))
         if not isinstance(content, str):
             problems.append(Problem(f"message {i} 'content' must be text, got {_kind(content)}", n, key))
         elif not content.strip():
             problems.append(Problem(f"message {i} has empty 'content'", n, key))
+        elif not _utf8(content):
+            problems.append(Problem(f"message {i} 'content' {_SURROGATE}", n, key))
         else:
             total += len(content)
     if total > limits.max_chars:
@@ -306,6 +358,17 @@ def _check_field(item: Any, key: str, n: int, limits: Limits, completion: bool) 
     if completion and not problems and item[-1]["role"] != "assistant":
         problems.append(Problem("must end with an 'assistant' message", n, key))
     return problems
+
+
+_SURROGATE = "holds a lone surrogate (a \\ud800-\\udfff escape), which is not a character: fix the text"
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- normalising for a model
@@ -375,10 +438,7 @@ def write_json(rows: list[dict], path: str | Path) -> Path:
 def read_prompts(source: str | Path, limits: Limits = Limits()) -> list[str]:
     """Prompts for evaluation: plain text (one a line), or a JSON/JSONL list of strings, prompt rows or pairs."""
     path = Path(source)
-    raw = path.read_bytes()
-    if len(raw) > limits.max_bytes:
-        raise DataError(path.name, [Problem(_too_big(len(raw), limits))])
-    text, _ = decode(raw, path.name)
+    text, _ = decode(_read_file(path, path.name, limits), path.name)
     if path.suffix.lower() not in (".json", ".jsonl"):
         prompts = [line.strip() for line in text.split("\n") if line.strip()]
     else:
