@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from peft import PeftModel
-from transformers import TextIteratorStreamer, set_seed
+from transformers import LogitsProcessor, LogitsProcessorList, TextIteratorStreamer, set_seed
 from trl.data_utils import common_prefix_length
 
 from .collapse import REFUSAL_PHRASES, measure, summarize
@@ -105,6 +105,83 @@ def adapter(model, enabled: bool, name: str | None = None):
     yield
 
 
+class ValidUTF8(LogitsProcessor):
+    """Only tokens that keep the answer valid UTF-8, for byte-level BPE vocabularies (the embedded model's, Llama 3's,
+    Qwen's). Such a vocabulary holds single bytes and pieces of characters; a small model can sample a byte that no
+    character continues, which decodes as U+FFFD. A token is allowed where it continues the row's text as valid UTF-8,
+    possibly ending inside a character that a later token finishes."""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table  # [states, vocab]: the state after the token, or -1 where the token is not allowed
+        self.states: torch.Tensor | None = None
+
+    @staticmethod
+    def table_for(tokenizer) -> torch.Tensor | None:
+        """None when the vocabulary is not byte-level (SentencePiece, say): nothing to guard."""
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        to_byte = {c: b for b, c in bytes_to_unicode().items()}
+        added = set(tokenizer.get_added_vocab())
+        vocab = tokenizer.get_vocab()
+        if not all(c in to_byte for token in vocab if token not in added for c in token):
+            return None
+        table = torch.full((_UTF8_STATES, max(len(tokenizer), max(vocab.values()) + 1)), -1, dtype=torch.long)
+        for token, index in vocab.items():
+            raw = token.encode() if token in added else bytes(to_byte[c] for c in token)
+            for state in range(_UTF8_STATES):
+                table[state, index] = _utf8_state(raw, state)
+        return table
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        table = self.table.to(scores.device)
+        if self.states is None:  # the prompt ends on a whole character
+            self.states = torch.zeros(input_ids.shape[0], dtype=torch.long, device=scores.device)
+        else:
+            self.states = table[self.states, input_ids[:, -1]].clamp(min=0)
+        allowed = table[self.states, : scores.shape[-1]] >= 0
+        return scores.masked_fill(~allowed, float("-inf"))
+
+
+# Where a row's text stands: 0 at a character boundary; 1-3 owing that many continuation bytes (0x80-0xBF); 4-7 just
+# after a lead byte whose next byte has a narrower range (no overlong forms, no surrogates, nothing past U+10FFFF).
+_NEXT_RANGE = {4: (0xA0, 0xBF, 1), 5: (0x80, 0x9F, 1), 6: (0x90, 0xBF, 2), 7: (0x80, 0x8F, 2)}
+_UTF8_STATES = 8
+
+
+def _utf8_state(raw: bytes, state: int) -> int:
+    """The state after the bytes `raw`, or -1 where they cannot continue valid UTF-8 from `state`."""
+    for byte in raw:
+        if state in _NEXT_RANGE:
+            low, high, after = _NEXT_RANGE[state]
+            if not low <= byte <= high:
+                return -1
+            state = after
+        elif state:
+            if not 0x80 <= byte <= 0xBF:
+                return -1
+            state -= 1
+        elif byte < 0x80:
+            continue
+        elif 0xC2 <= byte <= 0xDF:
+            state = 1
+        elif byte in (0xE0, 0xED, 0xF0, 0xF4):
+            state = {0xE0: 4, 0xED: 5, 0xF0: 6, 0xF4: 7}[byte]
+        elif 0xE1 <= byte <= 0xEF:
+            state = 2
+        elif 0xF1 <= byte <= 0xF3:
+            state = 3
+        else:
+            return -1
+    return state
+
+
+def _utf8_guard(tokenizer) -> LogitsProcessorList:
+    if not hasattr(tokenizer, "_utf8_table"):
+        tokenizer._utf8_table = ValidUTF8.table_for(tokenizer)  # once per tokenizer: a pass over the vocabulary
+    table = tokenizer._utf8_table
+    return LogitsProcessorList([ValidUTF8(table)] if table is not None else [])
+
+
 def _eos_ids(model, tokenizer) -> list[int]:
     ids = model.generation_config.eos_token_id
     ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
@@ -133,7 +210,7 @@ def stream(model, tokenizer, conversation: Conversation, sampling: Sampling = Sa
                 set_seed(sampling.seed)
                 model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                                eos_token_id=_eos_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
-                               **sampling.generate_kwargs())
+                               logits_processor=_utf8_guard(tokenizer), **sampling.generate_kwargs())
         except BaseException as e:  # re-raised in the caller's thread
             errors.append(e)
             streamer.end()
@@ -146,7 +223,7 @@ def stream(model, tokenizer, conversation: Conversation, sampling: Sampling = Sa
     try:
         for piece in streamer:
             text += piece
-            yield text
+            yield text.rstrip("\ufffd")  # a character cut by max_new_tokens (or still arriving) is not shown
     finally:
         thread.join()
         model.train(was_training)
@@ -173,8 +250,9 @@ def generate_batch(model, tokenizer, prompts: list[str], sampling: Sampling = Sa
             with model_lock, adapter(model, use_adapter, adapter_name), torch.inference_mode():
                 set_seed(sampling.seed)
                 out = model.generate(input_ids=input_ids, attention_mask=mask, eos_token_id=stop_ids,
-                                     pad_token_id=pad, **sampling.generate_kwargs())
-            answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+                                     pad_token_id=pad, logits_processor=_utf8_guard(tokenizer),
+                                     **sampling.generate_kwargs())
+            answers += [a.rstrip("\ufffd") for a in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
             if ended is not None:
                 ended += [any(t in stop_ids for t in row.tolist()) for row in out[:, width:]]
             if progress is not None:

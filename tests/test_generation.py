@@ -88,3 +88,58 @@ def test_model_without_adapter_refuses_the_dpo_side(tiny_model_dir):
         generate(model, tok, PROMPT, Sampling(max_new_tokens=4), use_adapter=True)
     assert isinstance(generate(model, tok, PROMPT, Sampling(max_new_tokens=4), use_adapter=False), str)
     assert torch.is_grad_enabled()
+
+
+def test_answers_are_valid_utf8_even_from_an_untrained_byte_level_model(tiny_model_dir, monkeypatch):
+    """An untrained model samples bytes at random: unguarded, its text is full of U+FFFD; guarded, never."""
+    from dpo_space import generation
+
+    model, tokenizer = load_model(str(tiny_model_dir), load_in_4bit=False)
+    hot = Sampling(temperature=1.5, top_p=1.0, max_new_tokens=64)
+    answers = [generate(model, tokenizer, f"{PROMPT}{i}", Sampling(**{**hot.__dict__, "seed": i}), use_adapter=False)
+               for i in range(6)]
+    assert all("\ufffd" not in a for a in answers), answers
+
+    monkeypatch.setattr(generation, "_utf8_guard", lambda tokenizer: None)
+    unguarded = [generate(model, tokenizer, f"{PROMPT}{i}", Sampling(**{**hot.__dict__, "seed": i}), use_adapter=False)
+                 for i in range(6)]
+    assert any("\ufffd" in a for a in unguarded)
+
+
+def test_the_utf8_guard_leaves_other_vocabularies_alone(tiny_model_dir):
+    from dpo_space.generation import ValidUTF8
+
+    _, tokenizer = load_model(str(tiny_model_dir), load_in_4bit=False)
+    assert ValidUTF8.table_for(tokenizer) is not None
+
+    class SentencePieceLike:
+        def get_vocab(self):
+            return {"▁猫": 0, "a": 1}
+
+        def get_added_vocab(self):
+            return {}
+
+        def __len__(self):
+            return 2
+
+    assert ValidUTF8.table_for(SentencePieceLike()) is None
+
+
+@pytest.mark.parametrize("text", ["猫", "é", "🦒", "𠮷", "a"])
+def test_utf8_states_accept_real_characters_byte_by_byte(text):
+    from dpo_space.generation import _utf8_state
+
+    state = 0
+    for byte in text.encode():
+        state = _utf8_state(bytes([byte]), state)
+        assert state >= 0
+    assert state == 0
+
+
+@pytest.mark.parametrize("raw", [b"\xe0\x80\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf", b"\x80", b"\xff"])
+def test_utf8_states_refuse_what_python_cannot_decode(raw):
+    from dpo_space.generation import _utf8_state
+
+    with pytest.raises(UnicodeDecodeError):
+        raw.decode()
+    assert _utf8_state(raw, 0) == -1
