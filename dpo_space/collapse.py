@@ -28,10 +28,10 @@ def distinct_n(texts: str | list[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
-def repeated_ngram_share(text: str, n: int = 3) -> float:
-    """Share of n-gram occurrences that repeat an n-gram seen earlier in the same text: 0 for fresh text, near 1 for a
-    loop."""
-    grams = ngrams(text, n)
+def repeated_ngram_share(texts: str | list[str], n: int = 3) -> float:
+    """Share of n-gram occurrences that repeat an n-gram seen earlier: 0 for fresh text, near 1 for a loop. Over a set
+    of texts, n-grams are pooled (never spanning two texts): near 1 when every answer is the same sentence."""
+    grams = [g for t in ([texts] if isinstance(texts, str) else texts) for g in ngrams(t, n)]
     if not grams:
         return 0.0
     counts = Counter(grams)
@@ -70,7 +70,8 @@ class SetMeasures:
     refusal_rate: float
     distinct_1: float  # over the whole set: low when every answer says the same thing
     distinct_2: float
-    repetition: float  # mean per text
+    repetition: float  # mean per text: answers that loop
+    repetition_across: float  # pooled over the set: answers that repeat each other (mode collapse)
     mean_length: float
 
     def as_dict(self) -> dict:
@@ -79,7 +80,7 @@ class SetMeasures:
 
 def summarize(texts: list[str], phrases: tuple[str, ...] = REFUSAL_PHRASES) -> SetMeasures:
     if not texts:
-        return SetMeasures(0, 0.0, 1.0, 1.0, 0.0, 0.0)
+        return SetMeasures(0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0)
     per = [measure(t, phrases) for t in texts]
     return SetMeasures(
         n=len(texts),
@@ -87,5 +88,6 @@ def summarize(texts: list[str], phrases: tuple[str, ...] = REFUSAL_PHRASES) -> S
         distinct_1=distinct_n(texts, 1),
         distinct_2=distinct_n(texts, 2),
         repetition=mean(m.repetition for m in per),
+        repetition_across=repeated_ngram_share(texts, 3),
         mean_length=mean(m.length for m in per),
     )

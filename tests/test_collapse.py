@@ -28,3 +28,12 @@ def test_summary_over_a_set():
     assert s.mean_length == (7 + 12 + 14) / 3
     # the same answer everywhere lowers the set's distinct-2
     assert summarize(["同じ答えです。"] * 5).distinct_2 < summarize(["一つ目です。", "二番目の答え。"]).distinct_2
+
+
+def test_repetition_within_answers_and_across_them():
+    refusal = "その内容について私は経験や専門的知見が乏しく難しい問題で分かりません。"
+    collapsed = summarize([refusal] * 10)
+    helpful = summarize(["料理は火加減が大切です。", "睡眠は毎日同じ時間に寝ることから。", "英語は音読を続けましょう。"])
+    assert collapsed.repetition == 0.0  # each answer alone is fresh text...
+    assert collapsed.repetition_across >= 0.85 > helpful.repetition_across  # ...but they are all the same
+    assert summarize(["人生の、人生の、人生の、人生の"]).repetition > 0.5
