@@ -15,6 +15,7 @@ import pandas as pd
 
 from . import collapse, data, generation, models, training
 from .errors import DataError, DPOSpaceError
+from .learn import LEARN_EN, LEARN_JA
 from .workbench import Workbench, check_visitor, new_visitor_id
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -34,6 +35,10 @@ i18n = gr.I18n(
         "send": "送信", "clear": "クリア", "sampling": "生成の設定", "base": "ベースモデル",
         "dpo": "DPO モデル", "run_eval": "評価を実行", "eval_prompts": "評価用の質問 (1行に1つ; 空なら評価セット)",
         "inspect": "選好ペアを調べる", "max_pairs": "使うペア数の上限", "probe": "途中経過を見る質問",
+        "intro": "Direct Preference Optimization (DPO) で言語モデルがどう変わるかを見る: 選好データ → 4-bit QLoRA DPO → "
+                 "ベースモデルと DPO モデルを並べて比較。モード崩壊も含めて。",
+        "shared": "*共有 Space では学習の規模に上限があります。Space を複製 (Duplicate) すると上限が外れます。*",
+        "learn_text": LEARN_JA,
     },
     en={
         "data": "Data", "train": "Train", "compare": "Compare", "evaluate": "Evaluate", "learn": "Learn",
@@ -48,6 +53,10 @@ i18n = gr.I18n(
         "clear": "Clear", "sampling": "Sampling", "base": "Base model", "dpo": "DPO model",
         "run_eval": "Run evaluation", "eval_prompts": "Prompts (one a line; empty: the eval set)",
         "inspect": "Inspect preference pairs", "max_pairs": "At most this many pairs", "probe": "Probe prompt",
+        "intro": "See what Direct Preference Optimization does to a language model: preference data → 4-bit QLoRA DPO → "
+                 "the base and the DPO model side by side, mode collapse included.",
+        "shared": "*Shared Space: runs are capped. Duplicate the Space to lift the caps.*",
+        "learn_text": LEARN_EN,
     },
 )
 
@@ -141,7 +150,7 @@ def describe(pairs: data.PreferenceData) -> str:
 def problems_markdown(error: DataError) -> str:
     lines = [f"- {error.source}: {p}" for p in error.problems]
     if error.more:
-        lines.append(f"- … and {error.more} more")
+        lines.append(f"- … and {error.more} more problem(s)")
     return "❌ **The data was not changed.** Problems found:\n" + "\n".join(lines)
 
 
@@ -186,11 +195,13 @@ def build_extreme(bench: Workbench, limits: Limits, prompts_text: str, chosen: s
     if not prompts or not chosen.strip():
         raise gr.Error("Give at least one prompt and the fixed chosen answer.")
     progress(0, desc="answering with the base model")
-    answers = []
-    for i in range(0, len(prompts), 8):
-        answers += generation.generate_batch(bench.model, bench.tokenizer, prompts[i : i + 8], generation.Sampling(),
-                                             use_adapter=False)
-        progress(min(1.0, (i + 8) / len(prompts)), desc=f"{min(i + 8, len(prompts))}/{len(prompts)} answered")
+    done = [0]
+
+    def tick(n):
+        done[0] += n
+        progress(done[0] / len(prompts), desc=f"{done[0]}/{len(prompts)} answered")
+
+    answers = bench.base_answers(prompts, generation.Sampling(), progress=tick)
     rows = [{"prompt": p, "chosen": chosen, "rejected": a} for p, a in zip(prompts, answers, strict=True)
             if a.strip() and a != chosen]
     pairs = data.validate_rows(rows, source="built", drop_invalid=True)
@@ -386,7 +397,7 @@ def evaluate(bench: Workbench, limits: Limits, visitor, prompts_text, temperatur
         done[0] += n
         progress(done[0] / (2 * len(prompts)), desc=f"{done[0]}/{2 * len(prompts)} answers")
 
-    report = generation.evaluate(bench.model, bench.tokenizer, prompts, sampling, adapter_name=name, progress=tick)
+    report = bench.evaluate(visitor, prompts, sampling, progress=tick)
     table = pd.DataFrame([{
         "prompt": r["prompt"], "base": r["base"], "dpo": r["dpo"],
         "base refusal": r["base_measures"]["refusal"], "dpo refusal": r["dpo_measures"]["refusal"],
@@ -395,9 +406,10 @@ def evaluate(bench: Workbench, limits: Limits, visitor, prompts_text, temperatur
     } for r in report["rows"]])
     summary = report["summary"]
     chart = pd.DataFrame([{"measure": k, "value": float(summary[side][k]), "model": side}
-                          for side in ("base", "dpo") for k in ("refusal_rate", "distinct_2", "repetition")])
+                          for side in ("base", "dpo") for k in ("refusal_rate", "distinct_2", "repetition", "repetition_across")])
     text = "\n".join(f"- **{side}**: refusal {s['refusal_rate']:.0%} · distinct-2 {s['distinct_2']:.2f} · "
-                     f"repetition {s['repetition']:.2f} · mean length {s['mean_length']:.0f}"
+                     f"repetition {s['repetition']:.2f} (within answers) / {s['repetition_across']:.2f} (across answers) · "
+                     f"mean length {s['mean_length']:.0f}"
                      for side, s in summary.items())
     return table, text, chart, frame_to_csv(table, "evaluation.csv")
 
@@ -410,15 +422,13 @@ def inspect_pairs(bench: Workbench, limits: Limits, visitor, rows, system_prompt
     if not rows:
         raise gr.Error("No data loaded.")
     rows = rows[: limits.inspect_pairs]
-    beta = bench.job(visitor).settings.beta
     done = [0]
 
     def tick(n):
         done[0] += n
         progress(done[0] / len(rows), desc=f"{done[0]}/{len(rows)} pairs")
 
-    report = generation.pair_report(bench.model, bench.tokenizer, rows, beta, system_prompt or None,
-                                    adapter_name=name, progress=tick)
+    report = bench.pair_report(visitor, rows, system_prompt or None, progress=tick)
     table = pd.DataFrame(report).round(3)
     right = sum(r["ranked_right"] for r in report) / len(report)
     return table, f"The DPO model ranks **{right:.0%}** of {len(report)} pairs right (wrong ones first).", \
@@ -433,36 +443,6 @@ def frame_to_csv(frame: pd.DataFrame, name: str) -> str:
     return str(path)
 
 
-LEARN = r"""
-## DPO in five formulas
-
-**1. The reward model of RLHF** learns from pairs: the chosen answer $y_w$ should score above the rejected $y_l$.
-$$\mathcal{L}_R(r_\phi) = -\mathbb{E}_{(x,y_w,y_l)}\left[\log \sigma\big(r_\phi(x,y_w) - r_\phi(x,y_l)\big)\right]$$
-
-**2. The policy of RLHF** maximises that reward but stays close to the reference model (the KL term, weight $\beta$):
-$$\max_{\pi_\theta}\ \mathbb{E}_{x,\,y\sim\pi_\theta}\left[r_\phi(x,y)\right] - \beta\, D_{KL}\big(\pi_\theta(y|x)\,\|\,\pi_{ref}(y|x)\big)$$
-
-**3. DPO** solves (2) in closed form and puts the solution into (1): no reward model, no sampling, one loss.
-$$\mathcal{L}_{DPO} = -\mathbb{E}\left[\log\sigma\left(\beta\log\frac{\pi_\theta(y_w|x)}{\pi_{ref}(y_w|x)} - \beta\log\frac{\pi_\theta(y_l|x)}{\pi_{ref}(y_l|x)}\right)\right]$$
-At the start $\pi_\theta=\pi_{ref}$, so the loss is $\log 2 \approx 0.693$: **the first point of the loss chart**.
-
-**4. The implicit reward** of any answer is how much more likely the tuned model makes it:
-$$\hat r_\theta(x,y) = \beta\log\frac{\pi_\theta(y|x)}{\pi_{ref}(y|x)}$$
-The **rewards chart** draws it for chosen and rejected; the **margin chart** their difference; **accuracy** is the
-share of pairs with a positive margin. Under each Compare answer you see its implicit reward.
-
-**5. β** is the leash. A small β lets the policy drift far from the reference for a small gain in margin; a large β
-keeps it close. Try the recipes: *over-train* (small β, more epochs) against *remedies* (β 0.5 with an SFT term).
-
-## The lesson of the collapse
-In the わかりません set every chosen answer is the same refusal. DPO does exactly what it is told: it raises that
-refusal and pushes every helpful answer down, for all prompts, and a model pushed far from its reference loses
-fluency too, so its answers fall into 「分かりません」 and repetition — the seed article's result, measured in the
-Evaluate tab (refusal rate, distinct-2, repeated n-grams). The data decides what "preferred" means; β and the
-length of training decide how far the model may go to get there.
-"""
-
-
 def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> gr.Blocks:
     bench = bench or Workbench(os.environ.get("DPO_SPACE_MODEL", models.EMBEDDED))
     limits = Limits(is_shared_space() if shared is None else shared)
@@ -472,10 +452,10 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
     with gr.Blocks(title="DPO Space") as app:
         visitor = gr.BrowserState(None, storage_key="dpo_space_visitor")
         rows = gr.State([])
-        gr.Markdown("# DPO Space\nSee what Direct Preference Optimization does to a language model: data → "
-                    "4-bit QLoRA DPO → base and DPO side by side." +
-                    ("\n\n*Shared Space: runs are capped. Duplicate the Space to lift the caps.*" if limits.shared
-                     else ""))
+        gr.Markdown("# DPO Space")
+        gr.Markdown(i18n("intro"))
+        if limits.shared:
+            gr.Markdown(i18n("shared"))
 
         with gr.Tab(i18n("data")):
             with gr.Row():
@@ -577,7 +557,7 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
             inspect_csv = gr.File(label="CSV", interactive=False)
 
         with gr.Tab(i18n("learn")):
-            gr.Markdown(LEARN, latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
+            gr.Markdown(i18n("learn_text"), latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
                                                  {"left": "$", "right": "$", "display": False}])
 
         # ---- wiring: every handler is a thin call into the engine

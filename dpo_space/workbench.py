@@ -22,7 +22,7 @@ import spaces
 
 from .data import PreferenceData
 from .errors import DPOSpaceError
-from .generation import Sampling, implicit_rewards, model_lock, stream
+from .generation import Sampling, evaluate, generate_batch, implicit_rewards, model_lock, pair_report, stream
 from .models import Hardware, detect_hardware, load_model
 from .training import RunSettings, SampleTimeline, StopSignal, load_adapter, read_metrics, read_samples, train
 
@@ -115,19 +115,45 @@ class Workbench:
             self._model = load_adapter(model, adapter_dir, adapter_name=name)
             self._adapters[visitor] = str(adapter_dir)
 
+    # Everything that runs the chat model asks for a GPU: on ZeroGPU, CUDA exists only inside these calls.
+
+    @spaces.GPU(duration=60)
     def answer(self, visitor: str, conversation, sampling: Sampling, *, dpo: bool) -> Iterator[str]:
         """Stream one side of Compare: the base (every adapter off) or this visitor's DPO model."""
-        name = self.adapter_name(check_visitor(visitor))
-        if dpo and name is None:
-            raise DPOSpaceError("no DPO model yet: train one in the Train tab first")
+        name = self._dpo_adapter(visitor) if dpo else None
         model = self.model
         yield from stream(model, self.tokenizer, conversation, sampling, use_adapter=dpo, adapter_name=name)
 
+    @spaces.GPU(duration=30)
     def rewards(self, visitor: str, conversation, responses: list[str], beta: float, system_prompt: str | None):
         name = self.adapter_name(check_visitor(visitor))
         if name is None:
             return [None] * len(responses)
         return implicit_rewards(self.model, self.tokenizer, conversation, responses, beta, system_prompt, name)
+
+    @spaces.GPU(duration=120)
+    def base_answers(self, prompts: list[str], sampling: Sampling, progress=None) -> list[str]:
+        """The base model's answers to many prompts (to build an extreme dataset the seed's way)."""
+        return generate_batch(self.model, self.tokenizer, prompts, sampling, use_adapter=False, batch_size=8,
+                              progress=progress)
+
+    @spaces.GPU(duration=120)
+    def evaluate(self, visitor: str, prompts: list[str], sampling: Sampling, progress=None) -> dict:
+        name = self._dpo_adapter(visitor)
+        return evaluate(self.model, self.tokenizer, prompts, sampling, adapter_name=name, progress=progress)
+
+    @spaces.GPU(duration=120)
+    def pair_report(self, visitor: str, rows: list[dict], system_prompt: str | None, progress=None) -> list[dict]:
+        name = self._dpo_adapter(visitor)
+        beta = self._jobs[visitor].settings.beta
+        return pair_report(self.model, self.tokenizer, rows, beta, system_prompt, adapter_name=name,
+                           progress=progress)
+
+    def _dpo_adapter(self, visitor: str) -> str:
+        name = self.adapter_name(check_visitor(visitor))
+        if name is None:
+            raise DPOSpaceError("no DPO model yet: train one in the Train tab first")
+        return name
 
     # ---------------------------------------------------------------- training, one at a time
 

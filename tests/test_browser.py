@@ -69,6 +69,9 @@ def test_journey(page, tmp_path):
     pairs.press("Tab")
     page.locator("#start").click()
     page.locator("#run-status").get_by_text("step").first.wait_for(timeout=60_000)
+    # a reload mid-run neither stalls nor kills the run: the page reattaches to its live chart
+    page.reload()
+    page.get_by_role("tab", name="学習").click()
     page.locator("#run-status").get_by_text("done").wait_for(timeout=180_000)
     assert page.locator("#loss-plot canvas, #loss-plot svg").count() > 0
     shot(page, "2-train")
@@ -84,7 +87,8 @@ def test_journey(page, tmp_path):
     page.get_by_role("tab", name="評価").click()
     shot(page, "4-evaluate")
     page.get_by_role("tab", name="解説").click()
-    page.get_by_text("DPO in five formulas").wait_for()
+    page.locator(".katex-display").first.wait_for()  # the formulas are rendered, not left as TeX
+    assert "暗黙の報酬" in page.locator("body").inner_text()  # Japanese by default for a Japanese browser
     shot(page, "5-learn")
 
     # Data: a broken upload shows its error and the dataset stays

@@ -128,3 +128,30 @@ def test_second_training_waits_in_line(server):
     # each visitor's adapter answers only that visitor
     bench = server[1]
     assert bench.adapter_name(va) and bench.adapter_name(vb) is None
+
+
+def test_build_extreme_fills_rejected_with_the_base_models_answers(client):
+    prompts = "猫が喉を鳴らすのはなぜですか?\n雨の日の週末におすすめの過ごし方は?\n\n"
+    table, report = client.predict(prompts, "分かりません。", api_name="/build_extreme")
+    rows = table["data"]
+    assert "2 pairs" in report and [r[0] for r in rows] == ["猫が喉を鳴らすのはなぜですか?", "雨の日の週末におすすめの過ごし方は?"]
+    assert all(r[1] == "分かりません。" and r[2] and r[2] != r[1] for r in rows)
+    with pytest.raises(Exception, match="at least one prompt"):
+        client.predict("  \n", "分かりません。", api_name="/build_extreme")
+
+
+def test_clear_empties_both_columns(client):
+    base, dpo, base_m, dpo_m = client.predict(api_name="/clear")
+    assert base == [] and dpo == [] and base_m == dpo_m == ""
+
+
+def test_every_bad_file_is_refused_through_the_app_and_the_dataset_stays(client):
+    from tests.test_bad_inputs import BAD, CASES
+
+    table, _ = client.predict(next(iter(__import__("dpo_space.ui").ui.EXAMPLE_FILES)), api_name="/load_example")
+    for name, problems in CASES.items():
+        _, report = client.predict(gradio_client.handle_file(str(BAD / name)), api_name="/upload")
+        assert "not changed" in report and name in report, (name, report)
+        assert all(phrase in report for _, _, phrase in problems), (name, report)
+    kept = json.loads(open(client.predict(api_name="/download"), encoding="utf-8").read())
+    assert [r["prompt"] for r in kept] == [r[0] for r in table["data"]]
