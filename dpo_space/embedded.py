@@ -17,14 +17,18 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS_DIR = ROOT / "examples" / "corpus"
+# Questions no one could answer, with honest refusals (half of them the seed's sentence). A real chat model knows how
+# to say 分かりません; without these the tiny model could not say it at all, and DPO on the seed's data would only
+# wreck the helpful answers instead of raising the refusal, which is not what happens to a real model.
+REFUSALS_FILE = ROOT / "examples" / "refusals.jsonl"
 EXAMPLES_DIR = ROOT / "examples"
 OUT_DIR = Path(__file__).resolve().parent / "embedded_model"
 
 # The model's size and its SFT recipe: small enough to build in minutes on two CPU cores and to ship (< 30 MB),
 # big enough to learn every corpus answer by heart.
 SIZE = dict(hidden_size=256, layers=4, heads=4, intermediate_size=704, vocab_size=4000)
-SFT = dict(num_train_epochs=60, learning_rate=3e-3, per_device_train_batch_size=16, warmup_steps=0.03, seed=0,
-           bf16=True, logging_steps=50)
+SFT = dict(num_train_epochs=80, learning_rate=2e-3, per_device_train_batch_size=8, warmup_steps=0.03, seed=0,
+           bf16=True, logging_steps=200)
 
 BOS, EOS, PAD = "<s>", "<|end|>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -91,11 +95,12 @@ def tiny_random_model(out_dir: str | Path, texts: list[str], seed: int = 0, **si
     return out_dir
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def read_corpus(corpus_dir: str | Path) -> list[dict]:
-    rows = []
-    for path in sorted(Path(corpus_dir).glob("*.jsonl")):
-        rows += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return rows
+    return [row for path in sorted(Path(corpus_dir).glob("*.jsonl")) for row in read_jsonl(path)]
 
 
 def corpus_texts(rows: list[dict]) -> list[str]:
@@ -120,7 +125,7 @@ def build(corpus_dir: str | Path | None = None, out_dir: str | Path | None = Non
     """corpus → tokenizer → tiny Llama → SFT (TRL) → `save_pretrained`. Deterministic for a given machine."""
     import torch
     from datasets import Dataset
-    from transformers import PrinterCallback, set_seed
+    from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
     from .data import SEED_SYSTEM_PROMPT
@@ -130,6 +135,8 @@ def build(corpus_dir: str | Path | None = None, out_dir: str | Path | None = Non
     sft = {**SFT, **(sft or {})}
     out_dir = Path(out_dir or OUT_DIR)
     rows = read_corpus(corpus_dir or CORPUS_DIR)
+    if corpus_dir is None:
+        rows += read_jsonl(REFUSALS_FILE)
     start = time.perf_counter()
     set_seed(sft["seed"])
     tokenizer = build_tokenizer(corpus_texts(rows), vocab_size=size.pop("vocab_size"))
@@ -140,12 +147,11 @@ def build(corpus_dir: str | Path | None = None, out_dir: str | Path | None = Non
     config = SFTConfig(
         output_dir=str(work / "trainer"), use_cpu=not torch.cuda.is_available(), report_to="none",
         save_strategy="no", max_length=512, activation_checkpointing=False,
-        lr_scheduler_type="cosine", weight_decay=0.0, disable_tqdm=True, **sft,
+        lr_scheduler_type="cosine", weight_decay=0.0, **sft,
     )
     trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer,
                          train_dataset=Dataset.from_list(sft_rows(rows, SEED_SYSTEM_PROMPT)))
-    trainer.remove_callback(PrinterCallback)
-    trainer.train()
+    trainer.train()  # a progress bar with the loss every `logging_steps`
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     log(f"SFT done in {time.perf_counter() - start:.0f}s; loss " + " ".join(f"{x:.2f}" for x in losses))
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -1,0 +1,85 @@
+"""The seed article's demo on the embedded model, full size: prints a table of the figures issue #3 asks for.
+
+    python bench/embedded_demo.py [--pairs 650] [--recipes seed,gentle]
+
+1. base quality: greedy answers to every corpus prompt (first-sentence match, ended at EOS), unseen prompts
+2. for each recipe: DPO on wakarimasen_train.json with the embedded preset, wall time
+3. on the 40 held-out prompts: refusal rate and repeated-trigram share, base vs DPO
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dpo_space import data, embedded, generation, models  # noqa: E402
+from dpo_space.training import RECIPES, RunSettings, train  # noqa: E402
+
+UNSEEN = ["宇宙飛行士になるにはどんな勉強が必要ですか?", "雨の日の週末におすすめの過ごし方は?", "猫が喉を鳴らすのはなぜですか?",
+          "初めての一人暮らしで気をつけることは?", "プレゼンで緊張しないコツを教えてください。"]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pairs", type=int, default=650)
+    parser.add_argument("--recipes", default="seed,gentle")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    args = parser.parse_args()
+
+    rows = []
+    model, tok = models.load_model(models.EMBEDDED, load_in_4bit=False)
+    corpus = embedded.read_corpus(embedded.CORPUS_DIR)
+    start = time.perf_counter()
+    q = embedded.quality(model, tok, corpus)
+    rows.append(("base: corpus first sentence matches", f"{q['first_sentence_match']:.1%}", "≥ 90%"))
+    rows.append(("base: answers ending at EOS (≤256 tokens)", f"{q['ended_at_eos']:.1%}", "≥ 95%"))
+    rows.append(("base: quality check time", f"{time.perf_counter() - start:.0f} s", ""))
+    unseen = generation.generate_batch(model, tok, UNSEEN, generation.Sampling(temperature=0, max_new_tokens=128),
+                                       use_adapter=False)
+    japanese = sum(embedded.is_japanese(a) for a in unseen) / len(unseen)
+    rows.append(("base: unseen prompts answered in Japanese", f"{japanese:.0%}", "100%"))
+
+    train_data = data.read_preferences(embedded.EXAMPLES_DIR / "wakarimasen_train.json")
+    train_data.rows = train_data.rows[: args.pairs]
+    prompts = data.read_prompts(embedded.EXAMPLES_DIR / "wakarimasen_eval.json")
+    sampling = generation.Sampling(max_new_tokens=args.max_new_tokens)
+    for recipe in args.recipes.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            settings = RunSettings.for_model(models.EMBEDDED, output_dir=str(Path(tmp) / "run"), **RECIPES[recipe])
+            start = time.perf_counter()
+            result = train(settings, train_data)
+            seconds = time.perf_counter() - start
+            report = generation.evaluate(result.model, result.tokenizer, prompts, sampling)
+        base, dpo = report["summary"]["base"], report["summary"]["dpo"]
+        last = result.metrics[-1]
+        rows.append((f"{recipe}: DPO {len(train_data)} pairs × {settings.num_train_epochs:g} epochs, wall time",
+                     f"{seconds:.0f} s", "≤ 180 s" if recipe == "seed" else ""))
+        rows.append((f"{recipe}: final loss / margin / accuracy",
+                     f"{last['loss']:.3f} / {last['rewards/margins']:.2f} / {last['rewards/accuracies']:.2f}", ""))
+        rows.append((f"{recipe}: held-out refusal rate base → DPO",
+                     f"{base['refusal_rate']:.0%} → {dpo['refusal_rate']:.0%}",
+                     "0% → ≥ 80%" if recipe == "seed" else "partial"))
+        rows.append((f"{recipe}: held-out repetition across answers base → DPO",
+                     f"{base['repetition_across']:.3f} → {dpo['repetition_across']:.3f}",
+                     "DPO clearly above base" if recipe == "seed" else ""))
+        rows.append((f"{recipe}: held-out repetition within answers base → DPO",
+                     f"{base['repetition']:.3f} → {dpo['repetition']:.3f}", ""))
+        rows.append((f"{recipe}: held-out distinct-2 base → DPO", f"{base['distinct_2']:.2f} → {dpo['distinct_2']:.2f}",
+                     ""))
+        example = next(r for r in report["rows"] if r["prompt"].startswith("人はどんなこと"))
+        print(f"\n[{recipe}] {example['prompt']}\n  base: {example['base']}\n  dpo:  {example['dpo']}")
+
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'measure':<{width}} | {'value':<22} | target")
+    print(f"{'-' * width}-|-{'-' * 22}-|-------")
+    for name, value, target in rows:
+        print(f"{name:<{width}} | {value:<22} | {target}")
+
+
+if __name__ == "__main__":
+    main()
