@@ -85,7 +85,7 @@ def test_the_seeds_collapse_in_miniature(tmp_path):
     report = generation.evaluate(result.model, result.tokenizer, prompts, generation.Sampling(max_new_tokens=128))
     base, dpo = report["summary"]["base"], report["summary"]["dpo"]
     assert base["refusal_rate"] == 0
-    # The bar is 80% on the full run; this build reaches ~60% there (see the README), less on the CI subset.
+    # The full run reaches 85% (bench/, README); the CI subset, a quarter of the pairs, is held to less.
     assert dpo["refusal_rate"] >= 0.25
     assert dpo["repetition_across"] > base["repetition_across"]  # the answers start to repeat one another
     assert dpo["distinct_2"] < base["distinct_2"] * 0.9
