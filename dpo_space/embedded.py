@@ -129,7 +129,7 @@ def build(corpus_dir: str | Path | None = None, out_dir: str | Path | None = Non
     from trl import SFTConfig, SFTTrainer
 
     from .data import SEED_SYSTEM_PROMPT
-    from .training import replace_dir
+    from .training import partial_dir, replace_dir
 
     size = {**SIZE, **(size or {})}
     sft = {**SFT, **(sft or {})}
@@ -142,7 +142,7 @@ def build(corpus_dir: str | Path | None = None, out_dir: str | Path | None = Non
     tokenizer = build_tokenizer(corpus_texts(rows), vocab_size=size.pop("vocab_size"))
     model = LlamaForCausalLM(model_config(tokenizer, **size))
     log(f"{len(rows)} corpus rows; tokenizer {len(tokenizer)} tokens; model {model.num_parameters() / 1e6:.1f}M params")
-    work = out_dir.with_name(f".{out_dir.name}.partial")
+    work = partial_dir(out_dir)
     shutil.rmtree(work, ignore_errors=True)
     config = SFTConfig(
         output_dir=str(work / "trainer"), use_cpu=not torch.cuda.is_available(), report_to="none",

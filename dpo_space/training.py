@@ -268,7 +268,6 @@ class SampleTimeline(TrainerCallback):
 
         self.prompt, self.every = prompt, max(1, every)
         self.sampling = sampling or Sampling(temperature=0, max_new_tokens=64)
-        self.samples: list[dict] = []
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         from .generation import generate
@@ -277,7 +276,6 @@ class SampleTimeline(TrainerCallback):
             return
         answer = generate(model, processing_class, self.prompt, self.sampling, use_adapter=True)
         record = {"step": state.global_step, "prompt": self.prompt, "answer": answer}
-        self.samples.append(record)
         with open(Path(args.output_dir) / "samples.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
@@ -327,7 +325,7 @@ def train(
     eval_rows = as_training_rows(eval_data, system_prompt=settings.system_prompt, chat_template=chat) if eval_data else None
 
     final_dir = Path(settings.output_dir)
-    work_dir = final_dir.with_name(f".{final_dir.name}.partial")
+    work_dir = partial_dir(final_dir)
     config = settings.dpo_config(hardware, work_dir, has_eval=eval_rows is not None, disable_tqdm=disable_tqdm)
     is_main = config.process_index == 0
     if is_main:
@@ -439,11 +437,16 @@ def read_run_config(path: str | Path) -> tuple[dict, dict]:
     return {k: v for k, v in values.items() if k not in _TRL_ONLY_KEYS}, data_files
 
 
+def partial_dir(output_dir: str | Path) -> Path:
+    """The hidden sibling a folder is written in before `replace_dir` renames it into place."""
+    output_dir = Path(output_dir)
+    return output_dir.with_name(f".{output_dir.name}.partial")
+
+
 def live_dir(output_dir: str | Path) -> Path:
     """Where a run's files are now: its hidden work folder while it runs, its own folder once finished."""
-    output_dir = Path(output_dir)
-    work = output_dir.with_name(f".{output_dir.name}.partial")
-    return work if work.exists() else output_dir
+    work = partial_dir(output_dir)
+    return work if work.exists() else Path(output_dir)
 
 
 def read_metrics(output_dir: str | Path) -> list[dict]:

@@ -154,6 +154,18 @@ def problems_markdown(error: DataError) -> str:
     return "❌ **The data was not changed.** Problems found:\n" + "\n".join(lines)
 
 
+def counter(progress, total: int, unit: str):
+    """An engine `progress(n)` hook (n more done) that moves a Gradio progress bar."""
+    done = 0
+
+    def tick(n: int):
+        nonlocal done
+        done += n
+        progress(done / total, desc=f"{done}/{total} {unit}")
+
+    return tick
+
+
 def load_example(name: str):
     pairs = data.read_preferences(EXAMPLES / EXAMPLE_FILES[name])
     return pairs.rows, rows_to_frame(pairs.rows), "✅ " + describe(pairs)
@@ -195,12 +207,7 @@ def build_extreme(bench: Workbench, limits: Limits, prompts_text: str, chosen: s
     if not prompts or not chosen.strip():
         raise gr.Error("Give at least one prompt and the fixed chosen answer.")
     progress(0, desc="answering with the base model")
-    done = [0]
-
-    def tick(n):
-        done[0] += n
-        progress(done[0] / len(prompts), desc=f"{done[0]}/{len(prompts)} answered")
-
+    tick = counter(progress, len(prompts), "answered")
     answers = bench.base_answers(prompts, generation.Sampling(), progress=tick)
     rows = [{"prompt": p, "chosen": chosen, "rejected": a} for p, a in zip(prompts, answers, strict=True)
             if a.strip() and a != chosen]
@@ -391,12 +398,7 @@ def evaluate(bench: Workbench, limits: Limits, visitor, prompts_text, temperatur
         prompts = data.read_prompts(EXAMPLES / "wakarimasen_eval.json")
     prompts = prompts[: limits.eval_prompts]
     sampling = sampling_from(temperature, top_p, max_new_tokens, seed, system_prompt, limits)
-    done = [0]
-
-    def tick(n):
-        done[0] += n
-        progress(done[0] / (2 * len(prompts)), desc=f"{done[0]}/{2 * len(prompts)} answers")
-
+    tick = counter(progress, 2 * len(prompts), "answers")
     report = bench.evaluate(visitor, prompts, sampling, progress=tick)
     table = pd.DataFrame([{
         "prompt": r["prompt"], "base": r["base"], "dpo": r["dpo"],
@@ -422,12 +424,7 @@ def inspect_pairs(bench: Workbench, limits: Limits, visitor, rows, system_prompt
     if not rows:
         raise gr.Error("No data loaded.")
     rows = rows[: limits.inspect_pairs]
-    done = [0]
-
-    def tick(n):
-        done[0] += n
-        progress(done[0] / len(rows), desc=f"{done[0]}/{len(rows)} pairs")
-
+    tick = counter(progress, len(rows), "pairs")
     report = bench.pair_report(visitor, rows, system_prompt or None, progress=tick)
     table = pd.DataFrame(report).round(3)
     right = sum(r["ranked_right"] for r in report) / len(report)
