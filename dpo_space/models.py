@@ -41,7 +41,7 @@ PRESETS: dict[str, Preset] = {
             # A tiny model moves little per step at the seed's 5e-5; at 4e-3 the seed's 2 epochs give the seed's
             # result in under two minutes on two CPU cores (see bench/ and the README).
             settings={"learning_rate": 4e-3, "per_device_train_batch_size": 16, "warmup_steps": 0.1,
-                      "max_length": 256, "load_in_4bit": False},
+                      "max_length": 256, "load_in_4bit": False, "train_sampling_strategy": "group_by_length"},
             note="Built by `python -m dpo_space build-embedded` from examples/corpus; ships inside the package.",
         ),
         Preset(
@@ -58,14 +58,17 @@ PRESETS: dict[str, Preset] = {
             "SakanaAI/TinySwallow-1.5B-Instruct",
             "TinySwallow 1.5B Instruct (Japanese, small)",
             needs_gpu=True,
-            settings={"per_device_train_batch_size": 4, "max_length": 1024, "learning_rate": 1e-5},
+            # batch 2 × 2: fits a 16 GB T4 at 1024 tokens by the memory planner (bench/speed.py, BENCHMARKS.md)
+            settings={"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_length": 1024,
+                      "learning_rate": 1e-5, "train_sampling_strategy": "group_by_length"},
         ),
         Preset(
             "qwen2.5-0.5b",
             "Qwen/Qwen2.5-0.5B-Instruct",
             "Qwen2.5 0.5B Instruct (multilingual, Japanese-capable)",
             needs_gpu=True,
-            settings={"per_device_train_batch_size": 8, "max_length": 1024, "learning_rate": 1e-5},
+            settings={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_length": 1024,
+                      "learning_rate": 1e-5, "train_sampling_strategy": "group_by_length"},
         ),
     ]
 }

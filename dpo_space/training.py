@@ -63,6 +63,8 @@ class RunSettings:
     lr_scheduler_type: str = "linear"
     max_length: int | None = 1024
     precompute_ref_log_probs: bool = False
+    precompute_ref_batch_size: int | None = None
+    train_sampling_strategy: str = "random"  # "group_by_length": batches of similar length, less padding
     gradient_checkpointing: bool = False
     logging_steps: int = 1
     seed: int = 42
@@ -132,6 +134,10 @@ class RunSettings:
             lr_scheduler_type=self.lr_scheduler_type,
             max_length=self.max_length,
             precompute_ref_log_probs=self.precompute_ref_log_probs,
+            precompute_ref_batch_size=self.precompute_ref_batch_size,
+            train_sampling_strategy=self.train_sampling_strategy,
+            # the length column that length grouping reads is not a model input; the collator ignores extra columns
+            remove_unused_columns=self.train_sampling_strategy != "group_by_length",
             activation_checkpointing=self.gradient_checkpointing,  # transformers 5 name of the same switch
             logging_steps=self.logging_steps,
             seed=self.seed,
@@ -261,7 +267,8 @@ class RunGuard(TrainerCallback):
 
 class SampleTimeline(TrainerCallback):
     """Every `every` optimizer steps (and at step 1), the policy's current answer to a probe prompt, written to
-    samples.jsonl in the run folder: the collapse is seen forming, not only its curve."""
+    samples.jsonl in the run folder: the collapse is seen forming, not only its curve. Taken when the step's metrics
+    are logged, after they reach the chart, so sampling never delays a chart point."""
 
     def __init__(self, prompt: str, every: int, sampling=None):
         from .generation import Sampling
@@ -269,10 +276,12 @@ class SampleTimeline(TrainerCallback):
         self.prompt, self.every = prompt, max(1, every)
         self.sampling = sampling or Sampling(temperature=0, max_new_tokens=64)
 
-    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+    def on_log(self, args, state, control, logs=None, model=None, processing_class=None, **kwargs):
         from .generation import generate
 
-        if not state.is_world_process_zero or (state.global_step % self.every and state.global_step != 1):
+        if not state.is_world_process_zero or "loss" not in (logs or {}):
+            return
+        if state.global_step % self.every and state.global_step != 1:
             return
         answer = generate(model, processing_class, self.prompt, self.sampling, use_adapter=True)
         record = {"step": state.global_step, "prompt": self.prompt, "answer": answer}
@@ -334,6 +343,7 @@ def train(
     stream = MetricsStream(work_dir / "metrics.csv", [on_metrics] if on_metrics else [])
     guard = RunGuard(stop)
 
+    score_completions_only()
     set_seed(settings.seed)  # the LoRA init happens in DPOTrainer.__init__, before Trainer seeds anything
     trainer = DPOTrainer(
         model=model,
@@ -344,6 +354,10 @@ def train(
         peft_config=settings.lora_config(),
         callbacks=[stream, guard, *(callbacks or [])],
     )
+    if config.train_sampling_strategy == "group_by_length":  # transformers groups the eval batches too
+        trainer.train_dataset = with_lengths(trainer.train_dataset)
+        if trainer.eval_dataset is not None:
+            trainer.eval_dataset = with_lengths(trainer.eval_dataset)
     if disable_tqdm:
         trainer.remove_callback(PrinterCallback)  # the consumers get the metrics; nothing to print
     _trainable_to_fp32(trainer.model, config)
@@ -383,6 +397,33 @@ def train(
         shutil.rmtree(work_dir, ignore_errors=True)
     trainer.model.eval()
     return RunResult(saved, stream.records, stream.summary, guard.stopped, trainer.model, tokenizer)
+
+
+def score_completions_only():
+    """Make TRL's fused LM head score only the completion tokens on the CPU too, as it already does on CUDA.
+
+    TRL 1.16 (`add_fused_lm_head`) projects every position of the batch, prompt and padding included, through the
+    vocabulary on devices without Triton (to keep shapes fixed for Neuron's compiler) and masks them out afterwards.
+    On a CPU that is over a third of a DPO step spent on logits nobody reads. The log-probs are the same
+    (tests/test_training.py); an epoch of the embedded demo goes from 51 s to 31 s (bench/speed.py).
+    """
+    import trl.trainer.utils as trl_utils
+
+    scores_all = getattr(trl_utils, "_use_triton", None)
+    if scores_all is None or getattr(scores_all, "compact_on_cpu", False):
+        return
+
+    def compact(device: torch.device) -> bool:
+        return device.type == "cpu" or scores_all(device)
+
+    compact.compact_on_cpu = True
+    trl_utils._use_triton = compact
+
+
+def with_lengths(dataset: Dataset) -> Dataset:
+    """A `length` column for transformers' LengthGroupedSampler: the padded length of a pair in TRL's concatenated
+    batch, where chosen and rejected share one padding."""
+    return dataset.map(lambda row: {"length": len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))})
 
 
 def _trainable_to_fp32(model, config: DPOConfig):

@@ -122,3 +122,43 @@ def test_sft_term_mixes_into_the_loss(tiny_model_dir, wakarimasen_pairs, tmp_pat
                      loss_weights=[1.0, 0.5], max_steps=2)
     result = train(s, wakarimasen_pairs)
     assert result.metrics[0]["loss"] > math.log(2)  # the DPO term alone starts at log 2; the SFT NLL adds to it
+
+
+def test_completion_only_head_gives_the_same_log_probs(tiny_model_dir, monkeypatch):
+    """On the CPU TRL scores every position through the vocabulary; ours scores only completion tokens. Same values."""
+    import trl.trainer.utils as trl_utils
+    from trl.trainer.utils import add_fused_lm_head
+
+    from dpo_space.training import score_completions_only
+
+    model, _ = load_model(str(tiny_model_dir))
+    add_fused_lm_head(model)
+    ids = torch.randint(3, model.config.vocab_size, (3, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100  # the prompt
+    labels[1, 9:] = -100  # padding
+    expected = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1).gather(
+        -1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).masked_fill(labels[:, 1:] == -100, 0)
+    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: False)  # TRL's own CPU path
+    full = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+    score_completions_only()
+    assert trl_utils._use_triton(torch.device("cpu"))
+    compact = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+    assert torch.allclose(full, expected, atol=1e-5) and torch.allclose(compact, expected, atol=1e-5)
+
+
+def test_length_grouped_batches_with_an_eval_split(tiny_model_dir, wakarimasen_pairs, tmp_path):
+    settings = settings_for(tiny_model_dir, tmp_path / "run", train_sampling_strategy="group_by_length",
+                            eval_fraction=0.25)
+    seen = []
+    from transformers import TrainerCallback
+
+    class Batches(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            seen.append(train_dataloader.dataset["length"])
+
+    result = train(settings, wakarimasen_pairs, callbacks=[Batches()])
+    assert any("eval_loss" in m for m in result.metrics)  # the eval batches are grouped too, and work
+    assert seen and all(n > 0 for n in seen[0])
+    saved = yaml.safe_load((result.output_dir / "run.yaml").read_text())
+    assert saved["train_sampling_strategy"] == "group_by_length"
