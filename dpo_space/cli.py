@@ -60,7 +60,9 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(settings_flags: bool = True) -> argparse.ArgumentParser:
+    """The whole command line. Without `settings_flags` the train command lacks its RunSettings flags, which need the
+    training stack (torch, TRL) imported: `validate` starts in a fraction of a second that way."""
     parser = argparse.ArgumentParser(prog="python -m dpo_space", description="DPO Space: see what DPO does.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -72,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="preference file (.json / .jsonl)")
     p.add_argument("--eval-data", help="preference file for evaluation during training")
     p.add_argument("--config", help="a run.yaml (from an earlier run, or written by hand); flags override it")
-    _settings_flags(p)
+    if settings_flags:
+        _settings_flags(p)
 
     for name, text in (("compare", "answer one prompt with the base and the DPO model"),
                        ("eval", "answer many prompts with both models and measure collapse")):
@@ -99,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(settings_flags=command in (None, "train")).parse_args(argv)
     try:
         return {"validate": cmd_validate, "train": cmd_train, "compare": cmd_compare, "eval": cmd_eval,
                 "build-embedded": cmd_build_embedded}[args.command](args)

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trl import extract_prompt
-
 from .errors import DataError, DPOSpaceError, Problem
 
 SEED_SYSTEM_PROMPT = "あなたは日本語チャットbotです。ユーザの質問答えてください。"
@@ -309,6 +307,8 @@ def _normalise_row(value: Any, n: int, limits: Limits) -> tuple[dict | None, lis
     if len({type(item) for item in row.values()}) > 1:
         return None, [Problem("mixes plain text and message lists: use one or the other in a row", n)]
     if "prompt" not in row:  # implicit prompt: the shared opening of chosen and rejected
+        from trl import extract_prompt  # here, not at the top: `validate` starts without loading TRL
+
         row = extract_prompt(row)
         shared = row["prompt"]  # TRL's extract_prompt can return text that is not an opening of 'rejected'
         if not shared or value["rejected"][: len(shared)] != shared or _check_field(shared, "prompt", n, limits, False):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -13,7 +14,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from . import collapse, data, generation, models, training
+from . import collapse, data, generation, memory, models, training
 from .errors import DataError, DPOSpaceError
 from .learn import LEARN_EN, LEARN_JA
 from .workbench import Workbench, check_visitor, new_visitor_id
@@ -96,6 +97,7 @@ class Limits:
         self.max_epochs = 3 if shared else 50
         self.max_steps = 400 if shared else 100_000
         self.max_new_tokens = 256 if shared else 1024
+        self.max_length = 1024 if shared else 32_768  # tokens per training sequence
         self.eval_prompts = 40 if shared else 1000
         self.inspect_pairs = 100 if shared else 2000
 
@@ -233,6 +235,43 @@ def recipe_values(model: str, recipe: str):
             loss, (s.loss_weights or [1.0, 1.0])[-1], s.seed, s.load_in_4bit)
 
 
+def gpu_memory_gib(hardware: models.Hardware) -> float | None:
+    if hardware.device != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / memory.GIB
+
+
+def memory_check(hardware: models.Hardware, model, batch, accum, max_length, four_bit, lora_r, targets):
+    """(Markdown for the Train tab, warning or None): the estimated peak GPU memory of these settings, which of the
+    usual GPUs it fits, and on this machine's GPU a batch / accumulation / checkpointing that fits if it does not."""
+    preset = models.PRESETS.get(model)
+    shape = memory.shape_for(preset.model_id if preset else model)
+    if shape is None or not batch or not max_length:
+        return "", None
+    checkpointing = training.RunSettings.for_model(model).gradient_checkpointing
+    sizes = dict(max_length=int(max_length), load_in_4bit=bool(four_bit), lora_r=int(lora_r or 1),
+                 lora_targets=tuple(targets or ()))
+    e = memory.estimate(shape, batch=int(batch), checkpointing=checkpointing, **sizes)
+    g = e.gib()
+    fits = " · ".join(f"{name} {'✅' if e.total <= gib * memory.GIB else '❌'}" for name, gib in memory.GPUS.items())
+    text = (f"**Estimated peak GPU memory: {g['total']:.1f} GiB** (weights {g['weights']:.1f} · LoRA + optimizer "
+            f"{g['lora']:.2f} · activations {g['activations']:.1f} · LM head {g['head']:.1f} · CUDA + slack "
+            f"{g['overhead']:.1f}; gradient checkpointing {'on' if checkpointing else 'off'}) — {fits}")
+    warning = None
+    available = gpu_memory_gib(hardware)
+    if available is not None and e.total > available * memory.GIB:
+        p = memory.plan(shape, available, effective_batch=int(batch) * int(accum or 1), **sizes)
+        advice = (f"try per_device_train_batch_size {p.batch} × gradient_accumulation_steps {p.accumulation}"
+                  + (" with gradient checkpointing" if p.checkpointing else "")) if p.fits else \
+            "lower max_length or pick a smaller model"
+        warning = (f"These settings need about {g['total']:.1f} GiB and this GPU has {available:.1f} GiB: the run "
+                   f"would likely stop with an out-of-memory error; {advice}.")
+        text += f"\n\n⚠️ {warning}"
+    return text, warning
+
+
 def start_run(bench: Workbench, limits: Limits, visitor, rows, model, beta, lora_r, epochs, alpha, dropout, targets,
               lr, batch, accum, max_length, loss, sft_weight, seed, four_bit, max_pairs, probe, system_prompt):
     visitor = check_visitor(visitor)
@@ -248,13 +287,26 @@ def start_run(bench: Workbench, limits: Limits, visitor, rows, model, beta, lora
     n = min(int(max_pairs), len(rows), limits.max_pairs)
     if epochs > limits.max_epochs:
         raise gr.Error(f"At most {limits.max_epochs} epochs on the shared Space (duplicate it to lift the cap).")
+    if max_length > limits.max_length:
+        raise gr.Error(f"max_length: at most {limits.max_length} tokens per sequence here (duplicate the Space to "
+                       "lift the cap).")
+    notes = []
+    if min(int(max_pairs), len(rows)) > limits.max_pairs:
+        notes.append(f"the first {limits.max_pairs} pairs (the shared Space's cap)")
+    steps = math.ceil(n / (int(batch) * int(accum))) * epochs
+    if limits.shared and steps > limits.max_steps:
+        notes.append(f"at most {limits.max_steps} steps (the shared Space's cap), not {steps:.0f}")
     loss_type = LOSSES[loss]
+    _, warning = memory_check(bench.hardware, model, batch, accum, max_length, four_bit, lora_r, targets)
+    if warning:
+        gr.Warning(warning)
     settings = training.RunSettings.for_model(
         model, beta=float(beta), lora_r=int(lora_r), num_train_epochs=float(epochs), lora_alpha=int(alpha),
         lora_dropout=float(dropout), lora_target_modules=list(targets), learning_rate=float(lr),
         per_device_train_batch_size=int(batch), gradient_accumulation_steps=int(accum), max_length=int(max_length),
         loss_type=loss_type, loss_weights=[1.0, float(sft_weight)] if len(loss_type) == 2 else None, seed=int(seed),
         load_in_4bit=bool(four_bit), system_prompt=system_prompt or None,
+        trust_remote_code=False,  # a Space never runs a model repository's own code for its visitors
         max_steps=limits.max_steps if limits.shared else -1,
     )
     try:
@@ -262,7 +314,7 @@ def start_run(bench: Workbench, limits: Limits, visitor, rows, model, beta, lora
         job = bench.submit(visitor, settings, pairs, probe=probe or None, sample_every=max(1, n // 32 or 1))
     except DPOSpaceError as e:
         raise gr.Error(str(e)) from None
-    return f"queued ({job.id})"
+    return f"queued ({job.id})" + "".join(f" · {note}" for note in notes)
 
 
 def stop_run(bench: Workbench, visitor):
@@ -344,8 +396,10 @@ def push_adapter(bench: Workbench, visitor, token: str, repo_id: str):
 
 
 def sampling_from(temperature, top_p, max_new_tokens, seed, system_prompt, limits: Limits) -> generation.Sampling:
+    if int(max_new_tokens) > limits.max_new_tokens:
+        raise gr.Error(f"max_new_tokens: at most {limits.max_new_tokens} new tokens per answer here.")
     return generation.Sampling(temperature=float(temperature), top_p=float(top_p),
-                               max_new_tokens=min(int(max_new_tokens), limits.max_new_tokens), seed=int(seed),
+                               max_new_tokens=int(max_new_tokens), seed=int(seed),
                                system_prompt=system_prompt or None)
 
 
@@ -396,6 +450,7 @@ def evaluate(bench: Workbench, limits: Limits, visitor, prompts_text, temperatur
     prompts = [p.strip() for p in (prompts_text or "").split("\n") if p.strip()]
     if not prompts:
         prompts = data.read_prompts(EXAMPLES / "wakarimasen_eval.json")
+    capped = len(prompts) > limits.eval_prompts
     prompts = prompts[: limits.eval_prompts]
     sampling = sampling_from(temperature, top_p, max_new_tokens, seed, system_prompt, limits)
     tick = counter(progress, 2 * len(prompts), "answers")
@@ -413,6 +468,8 @@ def evaluate(bench: Workbench, limits: Limits, visitor, prompts_text, temperatur
                      f"repetition {s['repetition']:.2f} (within answers) / {s['repetition_across']:.2f} (across answers) · "
                      f"mean length {s['mean_length']:.0f}"
                      for side, s in summary.items())
+    if capped:
+        text += f"\n\n(the first {limits.eval_prompts} prompts: the cap here)"
     return table, text, chart, frame_to_csv(table, "evaluation.csv")
 
 
@@ -423,12 +480,14 @@ def inspect_pairs(bench: Workbench, limits: Limits, visitor, rows, system_prompt
         raise gr.Error("No DPO model yet: train one in the Train tab first.")
     if not rows:
         raise gr.Error("No data loaded.")
+    capped = len(rows) > limits.inspect_pairs
     rows = rows[: limits.inspect_pairs]
     tick = counter(progress, len(rows), "pairs")
     report = bench.pair_report(visitor, rows, system_prompt or None, progress=tick)
     table = pd.DataFrame(report).round(3)
     right = sum(r["ranked_right"] for r in report) / len(report)
-    return table, f"The DPO model ranks **{right:.0%}** of {len(report)} pairs right (wrong ones first).", \
+    cap = f" (the first {limits.inspect_pairs}: the cap here)" if capped else ""
+    return table, f"The DPO model ranks **{right:.0%}** of {len(report)} pairs right{cap} (wrong ones first).", \
         frame_to_csv(table, "pairs.csv")
 
 
@@ -496,6 +555,7 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
                     max_pairs = gr.Number(650, label=i18n("max_pairs"), precision=0)
                     probe = gr.Textbox("人はどんなことをしてもらうと嬉しいですか?", label=i18n("probe"))
                     system_prompt = gr.Textbox(data.SEED_SYSTEM_PROMPT, label="system prompt")
+            memory_estimate = gr.Markdown(elem_id="memory-estimate")
             with gr.Row():
                 start = gr.Button(i18n("start"), variant="primary", elem_id="start")
                 stop = gr.Button(i18n("stop"), variant="stop")
@@ -577,6 +637,10 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
                     seed, four_bit]
         recipe.change(recipe_values, [model, recipe], advanced, api_name=False)
         model.change(recipe_values, [model, recipe], advanced, api_name=False)
+        memory_inputs = [model, batch, accum, max_length, four_bit, lora_r, targets]
+        estimate_memory = lambda *a: memory_check(bench.hardware, *a)[0]  # noqa: E731
+        gr.on([app.load, *(c.change for c in memory_inputs)], estimate_memory, memory_inputs, memory_estimate,
+              api_name="memory", show_progress="hidden")
         start.click(lambda *a: start_run(bench, limits, *a),
                     [visitor, rows, model, *advanced, max_pairs, probe, system_prompt], status, api_name="train")
         stop.click(lambda v: stop_run(bench, v), visitor, status, api_name="stop")

@@ -8,6 +8,7 @@ run ends that run only, and a page that reloads finds its run again by the visit
 
 from __future__ import annotations
 
+import logging
 import queue
 import re
 import shutil
@@ -20,11 +21,14 @@ from pathlib import Path
 
 import spaces
 
-from .data import PreferenceData
+from .data import PreferenceData, read_preferences
 from .errors import DPOSpaceError
 from .generation import Sampling, evaluate, generate_batch, implicit_rewards, model_lock, pair_report, stream
 from .models import Hardware, detect_hardware, load_model
-from .training import RunSettings, SampleTimeline, StopSignal, load_adapter, read_metrics, read_samples, train
+from .training import (RunSettings, SampleTimeline, StopSignal, load_adapter, read_metrics, read_run_config, read_samples,
+                       train)
+
+log = logging.getLogger(__name__)
 
 
 VISITOR_ID = re.compile(r"^[a-f0-9]{32}$")
@@ -104,6 +108,8 @@ class Workbench:
             return self._model
 
     def adapter_name(self, visitor: str) -> str | None:
+        if visitor not in self._adapters and visitor not in self._jobs:
+            self.job(visitor)  # a visitor from before a restart gets their finished run back
         return f"v{visitor}" if visitor in self._adapters else None
 
     def _attach(self, visitor: str, adapter_dir: Path):
@@ -174,7 +180,31 @@ class Workbench:
         return job
 
     def job(self, visitor: str) -> Job | None:
-        return self._jobs.get(visitor)
+        job = self._jobs.get(visitor)
+        if job is None and isinstance(visitor, str) and VISITOR_ID.match(visitor):
+            job = self._restore(visitor)
+        return job
+
+    def _restore(self, visitor: str) -> Job | None:
+        """After a restart: the visitor's newest finished run on disk. A run killed mid-save is never served: until its
+        final rename it lives in a hidden `.partial` folder, which is skipped here."""
+        finished = sorted(p for p in (self.root / visitor).glob("[!.]*")
+                          if (p / "adapter_config.json").exists() and (p / "run.yaml").exists())
+        if not finished:
+            return None
+        run = finished[-1]  # job ids start with their time
+        try:
+            values, _ = read_run_config(run / "run.yaml")
+            settings = RunSettings.from_dict({**values, "output_dir": str(run)})
+            pairs = read_preferences(run / "train.json") if (run / "train.json").exists() else PreferenceData([])
+            self._attach(visitor, run)
+        except Exception as e:  # noqa: BLE001 - an unreadable old run is skipped, never a crash of the page
+            log.warning("could not restore %s: %s", run, e)
+            return None
+        job = Job(run.name, visitor, settings, pairs, status="done", message=f"restored from {run}")
+        with self._lock:
+            self._jobs.setdefault(visitor, job)
+        return self._jobs[visitor]
 
     def position(self, job: Job) -> int:
         """1 for next in line, 2 after that...; 0 once it runs or has ended."""

@@ -82,3 +82,14 @@ def test_torchrun_two_processes(pairs_file, tiny_model_dir, tmp_path):
     metrics = (out / "metrics.csv").read_text().splitlines()
     assert len(metrics) == 1 + 3  # 24 pairs / (batch 4 × 2 processes) = 3 steps
     assert (out / "adapter_model.safetensors").exists()
+
+
+def test_validate_starts_without_the_training_stack(tmp_path):
+    """`validate` is a quick check: it must not import torch or TRL (seconds of start-up)."""
+    good = tmp_path / "good.json"
+    good.write_text('[{"prompt": "q", "chosen": "a", "rejected": "b"}]', encoding="utf-8")
+    code = ("import sys; from dpo_space.cli import main; rc = main(['validate', sys.argv[1]]); "
+            "print(rc, 'torch' in sys.modules, 'trl' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(good)], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout
+    assert "1 pairs" in out and out.strip().endswith("0 False False")

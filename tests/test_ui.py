@@ -1,6 +1,7 @@
 """The Space through its public API (gradio_client), as a second program would use it."""
 
 import json
+import re
 import socket
 import time
 
@@ -155,3 +156,110 @@ def test_every_bad_file_is_refused_through_the_app_and_the_dataset_stays(client)
         assert all(phrase in report for _, _, phrase in problems), (name, report)
     kept = json.loads(open(client.predict(api_name="/download"), encoding="utf-8").read())
     assert [r["prompt"] for r in kept] == [r[0] for r in table["data"]]
+
+
+def test_the_hub_token_is_used_for_the_push_only(tmp_path, monkeypatch, caplog):
+    """Never echoed, logged, put in the environment or written anywhere under the Space's folder."""
+    import logging
+    import os
+
+    import huggingface_hub
+
+    from dpo_space import data, training, ui
+    from dpo_space.workbench import Job, new_visitor_id
+
+    token = "hf_SECRETsecretSECRETsecret0123456789"
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create", repo_id))
+
+        def upload_folder(self, *, folder_path, repo_id, allow_patterns):
+            calls.append(("upload", sorted(allow_patterns)))
+            raise RuntimeError(f"401 Client Error: Unauthorized for token {token}")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    bench = Workbench(models.EMBEDDED, root=tmp_path / "space")
+    visitor = new_visitor_id()
+    run = tmp_path / "space" / visitor / "run"
+    run.mkdir(parents=True)
+    (run / "adapter_config.json").write_text("{}")
+    settings = training.RunSettings.for_model(models.EMBEDDED, output_dir=str(run))
+    (run / "run.yaml").write_text(settings.to_yaml())
+    job = Job("run", visitor, settings, data.validate_rows([{"prompt": "q", "chosen": "a", "rejected": "b"}], source="x"),
+              status="done")
+    bench._jobs[visitor] = job
+    caplog.set_level(logging.DEBUG)
+
+    message = ui.push_adapter(bench, visitor, token, "someone/adapter")
+    assert message.startswith("Push failed: RuntimeError") and "***" in message and token not in message
+    assert calls[0] == ("token", token)  # given to the Hub client for this call, and nowhere else
+    assert "train.json" not in calls[2][1] and "adapter_model.safetensors" in calls[2][1]
+    assert token not in caplog.text
+    assert token not in "".join(os.environ.values())
+    for path in (tmp_path / "space").rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path
+    assert "token" not in {f.name for f in __import__("dataclasses").fields(training.RunSettings)}
+
+
+def test_runs_from_the_space_never_trust_remote_code(tmp_path, monkeypatch):
+    from dpo_space import ui
+    from dpo_space.workbench import new_visitor_id
+
+    bench = Workbench(models.EMBEDDED, root=tmp_path / "space")
+    submitted = []
+    monkeypatch.setattr(bench, "submit", lambda visitor, settings, pairs, **kw: submitted.append(settings) or
+                        type("J", (), {"id": "x"})())
+    rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(4)]
+    ui.start_run(bench, ui.Limits(shared=True), new_visitor_id(), rows, *list(TRAIN_ARGS.values())[:-3], 4, "probe",
+                 "")
+    assert submitted and submitted[0].trust_remote_code is False
+    assert bench.trust_remote_code is False
+    assert all(not p.settings.get("trust_remote_code") for p in models.PRESETS.values())
+
+
+def test_every_visitor_size_is_capped_by_name_on_the_shared_space(tmp_path, monkeypatch):
+    import gradio as gr
+
+    from dpo_space import ui
+    from dpo_space.workbench import new_visitor_id
+
+    limits = ui.Limits(shared=True)
+    bench = Workbench(models.EMBEDDED, root=tmp_path / "space")
+    monkeypatch.setattr(bench, "submit", lambda *a, **kw: type("J", (), {"id": "x"})())
+    rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(800)]
+    args = dict(TRAIN_ARGS, max_pairs=800, epochs=3, batch=1)
+
+    def start(**over):
+        values = {**args, **over}
+        return ui.start_run(bench, limits, new_visitor_id(), rows, *values.values())
+
+    status = start()
+    assert "the first 700 pairs" in status and "at most 400 steps" in status
+    with pytest.raises(gr.Error, match="at most 3 epochs|At most 3 epochs"):
+        start(epochs=4)
+    with pytest.raises(gr.Error, match="max_length: at most 1024"):
+        start(max_length=4096)
+    with pytest.raises(gr.Error, match="max_new_tokens: at most 256"):
+        ui.sampling_from(0.6, 0.9, 2048, 0, "", limits)
+    assert ui.sampling_from(0.6, 0.9, 1000, 0, "", ui.Limits(shared=False)).max_new_tokens == 1000
+
+
+def test_memory_estimate_shown_and_a_warning_before_a_run_that_would_not_fit(monkeypatch):
+    from dpo_space import ui
+
+    text, warning = ui.memory_check(models.detect_hardware(), "elyza-8b", 1, 4, 1024, True, 12, ["q_proj", "v_proj"])
+    assert "Estimated peak GPU memory" in text and "T4 16 GB ✅" in text and warning is None
+    gpu = models.Hardware("cuda", "Tesla T4", "fp16")
+    monkeypatch.setattr(ui, "gpu_memory_gib", lambda hardware: 14.7)
+    text, warning = ui.memory_check(gpu, "elyza-8b", 8, 1, 1024, True, 12, ["q_proj", "v_proj"])
+    assert "14.7 GiB" in warning
+    batch, accum = map(int, re.search(r"per_device_train_batch_size (\d+) × gradient_accumulation_steps (\d+)",
+                                      warning).groups())
+    assert batch * accum == 8 and batch < 8
+    assert "⚠️" in text
