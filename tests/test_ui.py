@@ -48,6 +48,11 @@ TRAIN_ARGS = dict(model=models.EMBEDDED, beta=0.1, lora_r=8, epochs=1, alpha=8, 
                   system_prompt="あなたは日本語チャットbotです。ユーザの質問答えてください。")
 
 
+def text_of(message) -> str:
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
+
+
 def train_args(visitor):
     return [visitor, *TRAIN_ARGS.values()]
 
@@ -96,6 +101,12 @@ def test_train_compare_evaluate_inspect(client, server):
     assert len(loss) == 4 and loss[0][1] == pytest.approx(0.6931, abs=1e-3)  # 32 pairs / batch 8
     assert result[5]["data"], "the sample timeline has entries"
     assert result[6].endswith("-adapter.zip") and result[7].endswith("run.yaml")
+    import zipfile
+
+    with zipfile.ZipFile(result[6]) as archive:  # the adapter, its settings and data: nothing else
+        assert set(archive.namelist()) <= {"adapter_model.safetensors", "adapter_config.json", "run.yaml",
+                                           "metrics.csv", "train.json", "README.md"}
+        assert {"adapter_model.safetensors", "adapter_config.json", "run.yaml"} <= set(archive.namelist())
     assert "trl dpo --config run.yaml" in result[8]
 
     base, dpo, _, base_m, dpo_m = client.predict(visitor, "人はどんなことをしてもらうと嬉しいですか?", [], [], 0.6, 0.9,
@@ -129,6 +140,27 @@ def test_second_training_waits_in_line(server):
     # each visitor's adapter answers only that visitor
     bench = server[1]
     assert bench.adapter_name(va) and bench.adapter_name(vb) is None
+
+
+def test_one_visitor_trains_while_another_chats_and_uploads_and_neither_sees_the_other(server, tmp_path):
+    a, b = (gradio_client.Client(server[0], verbose=False) for _ in range(2))
+    va, vb = new_visitor(a), new_visitor(b)
+    a.predict(next(iter(__import__("dpo_space.ui").ui.EXAMPLE_FILES)), api_name="/load_example")
+    a.predict(*train_args(va), api_name="/train")
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps([{"prompt": "Bだけの質問", "chosen": "Bの答え", "rejected": "違う"}], ensure_ascii=False),
+                    encoding="utf-8")
+    b.predict(gradio_client.handle_file(str(mine)), api_name="/upload")
+    base, dpo, *_ = b.predict(vb, "猫が喉を鳴らすのはなぜですか?", [], [], 0.6, 0.9, 32, 0, "", api_name="/compare")
+    assert base[-1]["content"] and "no DPO model yet" in text_of(dpo[-1])
+    assert "No run yet" in b.predict(vb, api_name="/status")[0]  # b sees nothing of a's run
+    assert "done" in wait_for(a, va)[0]
+    assert json.loads(open(b.predict(api_name="/download"), encoding="utf-8").read())[0]["prompt"] == "Bだけの質問"
+    assert len(json.loads(open(a.predict(api_name="/download"), encoding="utf-8").read())) == 650
+    bench = server[1]
+    assert bench.adapter_name(va) and bench.adapter_name(vb) is None
+    _, dpo, *_ = b.predict(vb, "猫が喉を鳴らすのはなぜですか?", [], [], 0.6, 0.9, 32, 0, "", api_name="/compare")
+    assert "no DPO model yet" in text_of(dpo[-1])  # a's adapter never answers b
 
 
 def test_build_extreme_fills_rejected_with_the_base_models_answers(client):
