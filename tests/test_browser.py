@@ -5,6 +5,7 @@ Screenshots of each tab go to test-artifacts/ (kept by CI as artifacts).
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -63,12 +64,17 @@ def test_journey(page, tmp_path):
 
     # Train on a small subset and see chart points appear
     page.get_by_role("tab", name="学習").click()
+    page.locator("#memory-estimate").get_by_text("Estimated peak GPU memory").wait_for()  # the planner, up front
     page.get_by_text("詳細設定").click()
     pairs = page.get_by_label("使うペア数の上限")
-    pairs.fill("24")
+    pairs.wait_for()
+    page.wait_for_timeout(500)  # a number typed while the accordion's fields still mount is reset to the default
+    pairs.fill("160")
     pairs.press("Tab")
+    page.wait_for_timeout(300)
     page.locator("#start").click()
-    page.locator("#run-status").get_by_text("step").first.wait_for(timeout=60_000)
+    # 160 pairs at the preset's batch 16, 2 epochs: 20 steps (so the number typed above reached the run)
+    page.locator("#run-status").get_by_text(re.compile(r"step \d+/20")).first.wait_for(timeout=60_000)
     # a reload mid-run neither stalls nor kills the run: the page reattaches to its live chart
     page.reload()
     page.get_by_role("tab", name="学習").click()
