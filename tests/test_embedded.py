@@ -85,10 +85,11 @@ def test_the_seeds_collapse_in_miniature(tmp_path):
     report = generation.evaluate(result.model, result.tokenizer, prompts, generation.Sampling(max_new_tokens=128))
     base, dpo = report["summary"]["base"], report["summary"]["dpo"]
     assert base["refusal_rate"] == 0
-    # The full run reaches 85% (bench/, README); the CI subset, a quarter of the pairs, is held to less.
-    assert dpo["refusal_rate"] >= 0.25
-    assert dpo["repetition_across"] > base["repetition_across"]  # the answers start to repeat one another
-    assert dpo["distinct_2"] < base["distinct_2"] * 0.9
+    # Measured on this subset: 68% refusals (seed 42; 85% and 78% with seeds 1 and 2), distinct-2 0.61 -> 0.26
+    # (0.06, 0.17); the full run: 70-88% (README). Held to clearly less than measured, clearly more than chance.
+    assert dpo["refusal_rate"] >= 0.5
+    assert dpo["repetition_across"] > 2 * base["repetition_across"]  # the answers repeat one another
+    assert dpo["distinct_2"] < base["distinct_2"] * 0.6
 
 
 # Small enough for CI: a quarter of the pairs, so twice the epochs for about as many steps as the full run.
