@@ -252,6 +252,11 @@ def test_runs_from_the_space_never_trust_remote_code(tmp_path, monkeypatch):
                  "")
     assert submitted and submitted[0].trust_remote_code is False
     assert bench.trust_remote_code is False
+    import gradio as gr
+
+    args = dict(TRAIN_ARGS, model="someone/model-with-its-own-code")  # only the listed models are accepted
+    with pytest.raises(gr.Error, match="Unknown model 'someone/model-with-its-own-code'"):
+        ui.start_run(bench, ui.Limits(shared=True), new_visitor_id(), rows, *args.values())
     assert all(not p.settings.get("trust_remote_code") for p in models.PRESETS.values())
 
 
