@@ -405,7 +405,7 @@ def score_completions_only():
     TRL 1.16 (`add_fused_lm_head`) projects every position of the batch, prompt and padding included, through the
     vocabulary on devices without Triton (to keep shapes fixed for Neuron's compiler) and masks them out afterwards.
     On a CPU that is over a third of a DPO step spent on logits nobody reads. The log-probs are the same
-    (tests/test_training.py); an epoch of the embedded demo goes from 51 s to 31 s (bench/speed.py).
+    (tests/test_training.py); the embedded demo's run goes from 80 s to 51 s (bench/speed.py, BENCHMARKS.md).
     """
     import trl.trainer.utils as trl_utils
 
@@ -423,7 +423,10 @@ def score_completions_only():
 def with_lengths(dataset: Dataset) -> Dataset:
     """A `length` column for transformers' LengthGroupedSampler: the padded length of a pair in TRL's concatenated
     batch, where chosen and rejected share one padding."""
-    return dataset.map(lambda row: {"length": len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))})
+    def length(row):
+        return {"length": len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))}
+
+    return dataset.map(length)
 
 
 def _trainable_to_fp32(model, config: DPOConfig):

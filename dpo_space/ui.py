@@ -293,7 +293,7 @@ def start_run(bench: Workbench, limits: Limits, visitor, rows, model, beta, lora
     notes = []
     if min(int(max_pairs), len(rows)) > limits.max_pairs:
         notes.append(f"the first {limits.max_pairs} pairs (the shared Space's cap)")
-    steps = math.ceil(n / (int(batch) * int(accum))) * epochs
+    steps = math.ceil(n / (max(1, int(batch)) * max(1, int(accum)))) * epochs  # a batch of 0 is named by check()
     if limits.shared and steps > limits.max_steps:
         notes.append(f"at most {limits.max_steps} steps (the shared Space's cap), not {steps:.0f}")
     loss_type = LOSSES[loss]
