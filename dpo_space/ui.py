@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
 import os
 import shutil
 import tempfile
+from inspect import isgeneratorfunction
 from pathlib import Path
 
 import gradio as gr
@@ -103,6 +105,27 @@ class Limits:
 
 
 # ---------------------------------------------------------------- handlers (each a thin call into the engine)
+
+
+def shown(handler):
+    """Every handler, generators included: an engine error (DPOSpaceError, whose message names what and where) reaches
+    the page as that message; Gradio would show other exceptions as a bare "Error"."""
+    if isgeneratorfunction(handler):
+        @functools.wraps(handler)
+        def stream(*args, **kwargs):
+            try:
+                yield from handler(*args, **kwargs)
+            except DPOSpaceError as e:
+                raise gr.Error(str(e)) from None
+        return stream
+
+    @functools.wraps(handler)
+    def call(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except DPOSpaceError as e:
+            raise gr.Error(str(e)) from None
+    return call
 
 
 def rows_to_frame(rows: list[dict]) -> pd.DataFrame:
@@ -444,9 +467,6 @@ def compare(bench: Workbench, limits: Limits, visitor, prompt, base_history, dpo
 def evaluate(bench: Workbench, limits: Limits, visitor, prompts_text, temperature, top_p, max_new_tokens, seed,
              system_prompt, progress=gr.Progress()):
     visitor = check_visitor(visitor)
-    name = bench.adapter_name(visitor)
-    if name is None:
-        raise gr.Error("No DPO model yet: train one in the Train tab first.")
     prompts = [p.strip() for p in (prompts_text or "").split("\n") if p.strip()]
     if not prompts:
         prompts = data.read_prompts(EXAMPLES / "wakarimasen_eval.json")
@@ -475,9 +495,6 @@ def evaluate(bench: Workbench, limits: Limits, visitor, prompts_text, temperatur
 
 def inspect_pairs(bench: Workbench, limits: Limits, visitor, rows, system_prompt, progress=gr.Progress()):
     visitor = check_visitor(visitor)
-    name = bench.adapter_name(visitor)
-    if name is None:
-        raise gr.Error("No DPO model yet: train one in the Train tab first.")
     if not rows:
         raise gr.Error("No data loaded.")
     capped = len(rows) > limits.inspect_pairs
@@ -641,27 +658,27 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
         estimate_memory = lambda *a: memory_check(bench.hardware, *a)[0]  # noqa: E731
         gr.on([app.load, *(c.change for c in memory_inputs)], estimate_memory, memory_inputs, memory_estimate,
               api_name="memory", show_progress="hidden")
-        start.click(lambda *a: start_run(bench, limits, *a),
+        start.click(shown(lambda *a: start_run(bench, limits, *a)),
                     [visitor, rows, model, *advanced, max_pairs, probe, system_prompt], status, api_name="train")
-        stop.click(lambda v: stop_run(bench, v), visitor, status, api_name="stop")
+        stop.click(shown(lambda v: stop_run(bench, v)), visitor, status, api_name="stop")
         outputs = [status, loss_plot, margin_plot, accuracy_plot, rewards_plot, samples, adapter_zip, run_yaml, replay]
-        timer.tick(lambda v: run_status(bench, v), visitor, outputs, api_name="status", show_progress="hidden")
-        push.click(lambda v, t, r: push_adapter(bench, v, t, r), [visitor, token, repo], push_result,
+        timer.tick(shown(lambda v: run_status(bench, v)), visitor, outputs, api_name="status", show_progress="hidden")
+        push.click(shown(lambda v, t, r: push_adapter(bench, v, t, r)), [visitor, token, repo], push_result,
                    api_name="push")
 
         sampling_inputs = [temperature, top_p, max_new, sample_seed, chat_system]
-        send.click(lambda *a: (yield from compare(bench, limits, *a)),
+        send.click(shown(lambda *a: (yield from compare(bench, limits, *a))),
                    [visitor, prompt, base_chat, dpo_chat, *sampling_inputs],
                    [base_chat, dpo_chat, prompt, base_measures, dpo_measures], api_name="compare")
-        prompt.submit(lambda *a: (yield from compare(bench, limits, *a)),
+        prompt.submit(shown(lambda *a: (yield from compare(bench, limits, *a))),
                       [visitor, prompt, base_chat, dpo_chat, *sampling_inputs],
                       [base_chat, dpo_chat, prompt, base_measures, dpo_measures], api_name=False)
         clear.click(lambda: ([], [], "", ""), None, [base_chat, dpo_chat, base_measures, dpo_measures],
                     api_name="clear")
-        run_eval.click(lambda *a, progress=gr.Progress(): evaluate(bench, limits, *a, progress=progress),
+        run_eval.click(shown(lambda *a, progress=gr.Progress(): evaluate(bench, limits, *a, progress=progress)),
                        [visitor, eval_prompts, *sampling_inputs], [eval_table, eval_summary, eval_chart, eval_csv],
                        api_name="evaluate")
-        inspect.click(lambda v, r, s, progress=gr.Progress(): inspect_pairs(bench, limits, v, r, s, progress),
+        inspect.click(shown(lambda v, r, s, progress=gr.Progress(): inspect_pairs(bench, limits, v, r, s, progress)),
                       [visitor, rows, chat_system], [inspect_table, inspect_summary, inspect_csv],
                       api_name="inspect")
     app.queue(default_concurrency_limit=4)

@@ -163,6 +163,16 @@ def test_one_visitor_trains_while_another_chats_and_uploads_and_neither_sees_the
     assert "no DPO model yet" in text_of(dpo[-1])  # a's adapter never answers b
 
 
+def test_engine_errors_reach_the_page_as_their_message(client):
+    visitor = new_visitor(client)
+    client.predict(next(iter(__import__("dpo_space.ui").ui.EXAMPLE_FILES)), api_name="/load_example")
+    for args, api in (([visitor, "", 0.6, 0.9, 32, 0, ""], "/evaluate"), ([visitor, ""], "/inspect")):
+        with pytest.raises(Exception, match="no DPO model yet: train one in the Train tab first"):
+            client.predict(*args, api_name=api)
+    with pytest.raises(Exception, match="unknown visitor: reload the page"):
+        client.predict("../../etc", api_name="/stop")
+
+
 def test_build_extreme_fills_rejected_with_the_base_models_answers(client):
     prompts = "猫が喉を鳴らすのはなぜですか?\n雨の日の週末におすすめの過ごし方は?\n\n"
     table, report = client.predict(prompts, "分かりません。", api_name="/build_extreme")
