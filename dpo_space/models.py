@@ -108,6 +108,14 @@ def detect_hardware() -> Hardware:
     return Hardware("cpu", "CPU", "fp32")
 
 
+GPU_DEFAULT = "tinyswallow-1.5b"  # Japanese, small: a chat copy and a training copy fit a 16 GB T4 side by side
+
+
+def default_model(hardware: Hardware) -> str:
+    """What the app serves when DPO_SPACE_MODEL does not say: a real Hub model on a GPU, the embedded one on a CPU."""
+    return GPU_DEFAULT if hardware.device == "cuda" else EMBEDDED
+
+
 def quantization_config(hardware: Hardware, quant_type: str = "nf4", double_quant: bool = True) -> BitsAndBytesConfig:
     return BitsAndBytesConfig(
         load_in_4bit=True,

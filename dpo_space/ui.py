@@ -517,7 +517,9 @@ def frame_to_csv(frame: pd.DataFrame, name: str) -> str:
 
 
 def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> gr.Blocks:
-    bench = bench or Workbench(os.environ.get("DPO_SPACE_MODEL", models.EMBEDDED))
+    if bench is None:
+        hardware = models.detect_hardware()
+        bench = Workbench(os.environ.get("DPO_SPACE_MODEL") or models.default_model(hardware), hardware=hardware)
     limits = Limits(is_shared_space() if shared is None else shared)
     default_model = getattr(models.preset_for(bench.model_id), "key", models.EMBEDDED)
     defaults = recipe_values(default_model, "seed")

@@ -84,3 +84,11 @@ def test_4bit_layers_still_pass_gradients_after_cpu_inference(tiny_model_dir):
         model.eval()
         model(**tokenizer("料理のコツを教えてください。", return_tensors="pt"))
     assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+
+
+def test_the_app_serves_a_real_model_on_a_gpu_and_the_embedded_one_on_a_cpu():
+    from dpo_space.models import EMBEDDED, PRESETS, Hardware, default_model
+
+    assert default_model(Hardware("cpu", "CPU", "fp32")) == EMBEDDED
+    gpu = default_model(Hardware("cuda", "Tesla T4", "fp16"))
+    assert PRESETS[gpu].needs_gpu and "/" in PRESETS[gpu].model_id  # a Hub id, loaded with from_pretrained
