@@ -176,7 +176,7 @@ def child(spec: dict) -> dict:
         "load_s": loaded - start, "train_s": train_s, "epoch_s": train_s / EPOCHS,
         "pairs_per_s": len(measure.lengths) * EPOCHS / train_s, "tokens_per_s": tokens * EPOCHS / train_s,
         "flops": flops(model, measure.lengths, EPOCHS, measure.precomputed),
-        "params": sum(p.numel() for p in model.get_base_model().parameters()),
+        "params": sum(p.numel() for n, p in model.get_base_model().named_parameters() if "lora_" not in n),
         "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "final_loss": last["loss"], "train_accuracy": last.get("rewards/accuracies"),
         "train_margin": last.get("rewards/margins"), "heldout": heldout, "threads": torch.get_num_threads(),

@@ -354,6 +354,7 @@ def train(
         peft_config=settings.lora_config(),
         callbacks=[stream, guard, *(callbacks or [])],
     )
+    pad_halves_separately(trainer.model)
     if config.train_sampling_strategy == "group_by_length":  # transformers groups the eval batches too
         trainer.train_dataset = with_lengths(trainer.train_dataset)
         if trainer.eval_dataset is not None:
@@ -418,6 +419,55 @@ def score_completions_only():
 
     compact.compact_on_cpu = True
     trl_utils._use_triton = compact
+
+
+_PER_TOKEN = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+
+
+def pad_halves_separately(model):
+    """Run the chosen and the rejected half of a DPO batch each at its own length.
+
+    DPOTrainer stacks the chosen sequences over the rejected ones and pads all of them, on the right, to the longest
+    of either. Where one side is short and the other long (the わかりません set: about 30 tokens against 90), a third
+    of every forward and backward is padding. Each half is cut to its own longest sequence instead, and the per-token
+    outputs of TRL's fused head (zero past each sequence's end, by its definition) are padded back to the batch's
+    width: the same log-probs (tests/test_training.py) for less work. Anything but a right-padded, even-sized
+    `fused_lm_head` call goes through untouched.
+    """
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    fused = base.forward
+    if getattr(fused, "pads_halves", False):
+        return
+
+    def forward(*args, fused_lm_head=False, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        rows = 0 if input_ids is None else input_ids.shape[0]
+        plain = (args or not fused_lm_head or attention_mask is None or labels is None or rows < 2 or rows % 2
+                 or kwargs.get("shift_labels") is not None or kwargs.get("output_router_logits"))
+        if not plain:
+            width = input_ids.shape[1]
+            halves = (slice(0, rows // 2), slice(rows // 2, rows))
+            lengths = [int(attention_mask[h].sum(dim=1).max()) for h in halves]
+            plain = any(attention_mask[h, n:].any() for h, n in zip(halves, lengths, strict=True))  # not right-padded
+        if plain:
+            return fused(*args, fused_lm_head=fused_lm_head, input_ids=input_ids, attention_mask=attention_mask,
+                         labels=labels, **kwargs)
+        parts = []
+        for half, n in zip(halves, lengths, strict=True):
+            cut = {k: v[half, :n] if torch.is_tensor(v) and v.shape[:2] == (rows, width) else v
+                   for k, v in kwargs.items()}
+            parts.append(fused(fused_lm_head=True, input_ids=input_ids[half, :n],
+                               attention_mask=attention_mask[half, :n], labels=labels[half, :n], **cut))
+        joined = {}
+        for name in _PER_TOKEN:
+            values = [getattr(part, name) for part in parts]
+            if values[0] is not None:
+                joined[name] = torch.cat([torch.cat([v, v.new_zeros(v.shape[0], width - 1 - v.shape[1])], dim=1)
+                                          for v in values])
+        loss = -joined["log_probs"].sum() / joined["label_mask"].sum().clamp(min=1)
+        return type(parts[0])(loss=loss, **joined)
+
+    forward.pads_halves = True
+    base.forward = forward
 
 
 def with_lengths(dataset: Dataset) -> Dataset:

@@ -162,3 +162,35 @@ def test_length_grouped_batches_with_an_eval_split(tiny_model_dir, wakarimasen_p
     assert seen and all(n > 0 for n in seen[0])
     saved = yaml.safe_load((result.output_dir / "run.yaml").read_text())
     assert saved["train_sampling_strategy"] == "group_by_length"
+
+
+def test_chosen_and_rejected_halves_run_at_their_own_length_with_the_same_log_probs(tiny_model_dir):
+    from trl.trainer.utils import add_fused_lm_head
+
+    from dpo_space.training import pad_halves_separately, score_completions_only
+
+    model, _ = load_model(str(tiny_model_dir))
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    score_completions_only()
+    lengths = [5, 7, 14, 11]  # two short chosen sequences over two long rejected ones, right-padded to 14
+    ids = torch.randint(3, model.config.vocab_size, (4, 14))
+    mask = torch.tensor([[1] * n + [0] * (14 - n) for n in lengths])
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100  # the prompt
+    whole = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    seen = []
+    fused = model.forward
+    model.forward = lambda **kw: seen.append(kw["input_ids"].shape) or fused(**kw)
+    pad_halves_separately(model)
+    halves = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    assert seen == [(2, 7), (2, 14)]  # the chosen half ran at 7 tokens, not 14
+    assert halves.log_probs.shape == whole.log_probs.shape == (4, 13)
+    for name in ("log_probs", "entropy", "mean_logits"):
+        assert torch.allclose(getattr(halves, name), getattr(whole, name), atol=1e-5), name
+    assert torch.equal(halves.is_top1, whole.is_top1) and torch.equal(halves.label_mask, whole.label_mask)
+    assert torch.allclose(halves.loss, whole.loss, atol=1e-6)
+    # anything else goes through untouched: generation, odd batches, left padding
+    assert model(input_ids=ids[:3]).logits.shape == (3, 14, model.config.vocab_size)
+    seen.clear()
+    model(input_ids=ids, attention_mask=mask.flip(1), labels=labels, fused_lm_head=True)
+    assert seen == [(4, 14)]
