@@ -90,6 +90,8 @@ def _ours(pairs: int, output_dir: str, overrides: dict, lever: str | None):
 
     if lever == "full_vocab_head":
         training.score_completions_only = lambda: None  # TRL's own CPU path: every position through the vocabulary
+    if lever == "one_padding":
+        training.pad_halves_separately = lambda model: None  # TRL's: chosen and rejected padded to one length
     model, tokenizer = models.load_model(models.EMBEDDED, load_in_4bit=False)
     loaded = time.perf_counter()
     hardware = models.Hardware("cpu", "CPU", "bf16") if lever == "bf16" else None  # autocast; fp32 master weights
@@ -232,6 +234,7 @@ def median_of(runs: list[dict]) -> dict:
 
 LEVERS = {  # name: (what, settings overrides on top of ours, lever switch)
     "full_vocab_head": ("ours, but TRL's CPU head (every position through the vocabulary)", {}, "full_vocab_head"),
+    "one_padding": ("ours, but chosen and rejected padded to one length (TRL's)", {}, "one_padding"),
     "no_grouping": ("ours, but random batches (no length grouping)", {"train_sampling_strategy": "random"}, None),
     "precompute": ("ours + precompute_ref_log_probs", {"precompute_ref_log_probs": True}, None),
     "batch_1": ("ours at batch 1 (the seed's batch size)", {"per_device_train_batch_size": 1}, None),

@@ -60,7 +60,7 @@ PRESETS: dict[str, Preset] = {
             needs_gpu=True,
             # batch 2 × 2: fits a 16 GB T4 at 1024 tokens by the memory planner (bench/speed.py, BENCHMARKS.md)
             settings={"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_length": 1024,
-                      "learning_rate": 1e-5, "train_sampling_strategy": "group_by_length"},
+                      "learning_rate": 1e-5},
         ),
         Preset(
             "qwen2.5-0.5b",
@@ -68,7 +68,7 @@ PRESETS: dict[str, Preset] = {
             "Qwen2.5 0.5B Instruct (multilingual, Japanese-capable)",
             needs_gpu=True,
             settings={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_length": 1024,
-                      "learning_rate": 1e-5, "train_sampling_strategy": "group_by_length"},
+                      "learning_rate": 1e-5},
         ),
     ]
 }
