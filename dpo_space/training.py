@@ -406,7 +406,7 @@ def score_completions_only():
     TRL 1.16 (`add_fused_lm_head`) projects every position of the batch, prompt and padding included, through the
     vocabulary on devices without Triton (to keep shapes fixed for Neuron's compiler) and masks them out afterwards.
     On a CPU that is over a third of a DPO step spent on logits nobody reads. The log-probs are the same
-    (tests/test_training.py); the embedded demo's run goes from 80 s to 51 s (bench/speed.py, BENCHMARKS.md).
+    (tests/test_training.py); the embedded demo's run goes from 55 s to 44 s (bench/speed.py, BENCHMARKS.md).
     """
     import trl.trainer.utils as trl_utils
 
