@@ -471,8 +471,8 @@ def pad_halves_separately(model):
 
 
 def with_lengths(dataset: Dataset) -> Dataset:
-    """A `length` column for transformers' LengthGroupedSampler: the padded length of a pair in TRL's concatenated
-    batch, where chosen and rejected share one padding."""
+    """A `length` column for transformers' LengthGroupedSampler: a pair's prompt plus its longer answer, the side that
+    sets a batch's width (each half of a batch is cut to its own longest sequence, see `pad_halves_separately`)."""
     def length(row):
         return {"length": len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))}
 

@@ -332,11 +332,8 @@ def start_run(bench: Workbench, limits: Limits, visitor, rows, model, beta, lora
         trust_remote_code=False,  # a Space never runs a model repository's own code for its visitors
         max_steps=limits.max_steps if limits.shared else -1,
     )
-    try:
-        pairs = data.validate_rows(rows[:n], source="dataset")
-        job = bench.submit(visitor, settings, pairs, probe=probe or None, sample_every=max(1, n // 32 or 1))
-    except DPOSpaceError as e:
-        raise gr.Error(str(e)) from None
+    pairs = data.validate_rows(rows[:n], source="dataset")
+    job = bench.submit(visitor, settings, pairs, probe=probe or None, sample_every=max(1, n // 32 or 1))
     return f"queued ({job.id})" + "".join(f" · {note}" for note in notes)
 
 
@@ -649,7 +646,7 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
         upload.upload(upload_file, [upload, rows], [rows, table, report], api_name="upload")
         table.input(apply_edits, [table, rows], [rows, report], api_name="edit")
         download.click(download_dataset, rows, download, api_name="download")
-        extreme_build.click(lambda p, c, progress=gr.Progress(): build_extreme(bench, limits, p, c, progress),
+        extreme_build.click(shown(lambda p, c, progress=gr.Progress(): build_extreme(bench, limits, p, c, progress)),
                             [extreme_prompts, extreme_chosen], [rows, table, report], api_name="build_extreme")
 
         advanced = [beta, lora_r, epochs, alpha, dropout, targets, lr, batch, accum, max_length, loss, sft_weight,

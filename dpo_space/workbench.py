@@ -90,6 +90,7 @@ class Workbench:
         self.tokenizer = None
         self._adapters: dict[str, str] = {}  # visitor → adapter folder loaded in the chat model
         self._jobs: dict[str, Job] = {}  # visitor → their latest job
+        self._unrestorable: set[Path] = set()  # old runs that failed to load: not retried on every status tick
         self._queue: queue.Queue[Job] = queue.Queue()
         self._order: list[Job] = []  # queued jobs, for positions
         self._lock = threading.Lock()
@@ -108,7 +109,7 @@ class Workbench:
             return self._model
 
     def adapter_name(self, visitor: str) -> str | None:
-        if visitor not in self._adapters and visitor not in self._jobs:
+        if visitor not in self._adapters:
             self.job(visitor)  # a visitor from before a restart gets their finished run back
         return f"v{visitor}" if visitor in self._adapters else None
 
@@ -190,7 +191,7 @@ class Workbench:
         final rename it lives in a hidden `.partial` folder, which is skipped here."""
         finished = sorted(p for p in (self.root / visitor).glob("[!.]*")
                           if (p / "adapter_config.json").exists() and (p / "run.yaml").exists())
-        if not finished:
+        if not finished or finished[-1] in self._unrestorable:
             return None
         run = finished[-1]  # job ids start with their time
         try:
@@ -200,6 +201,7 @@ class Workbench:
             self._attach(visitor, run)
         except Exception as e:  # noqa: BLE001 - an unreadable old run is skipped, never a crash of the page
             log.warning("could not restore %s: %s", run, e)
+            self._unrestorable.add(run)
             return None
         job = Job(run.name, visitor, settings, pairs, status="done", message=f"restored from {run}")
         with self._lock:

@@ -68,3 +68,14 @@ training.train(settings, read_preferences({str(data_file)!r}))
     assert job is not None and job.output_dir == finished and job.status == "done"
     assert bench.adapter_name(visitor) == f"v{visitor}" and len(job.data) == len(wakarimasen_pairs)
     assert bench.job(new_visitor_id()) is None  # nothing on disk: nothing to restore
+
+
+def test_an_unreadable_old_run_is_skipped_once_not_on_every_status_tick(tiny_model_dir, tmp_path, caplog):
+    visitor = new_visitor_id()
+    run = tmp_path / visitor / "20260101-000000-aaaaaa"
+    run.mkdir(parents=True)
+    (run / "adapter_config.json").write_text("{}")
+    (run / "run.yaml").write_text("lora_rank: [unclosed", encoding="utf-8")
+    bench = Workbench(str(tiny_model_dir), root=tmp_path)
+    assert bench.job(visitor) is None and bench.job(visitor) is None and bench.adapter_name(visitor) is None
+    assert sum("could not restore" in r.message for r in caplog.records) == 1
