@@ -27,7 +27,14 @@ PROMPTS = ["人はどんなことをしてもらうと嬉しいですか?", "雨
 SYSTEM = "あなたは日本語チャットbotです。ユーザの質問答えてください。"
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start_app(port: int) -> subprocess.Popen:
+    """`python app.py` on a loopback port; returns once the page is served."""
     env = {**os.environ, "PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_ANALYTICS_ENABLED": "False"}
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -39,7 +46,7 @@ def start_app(port: int) -> subprocess.Popen:
         except OSError:
             if proc.poll() is not None:
                 break
-            time.sleep(0.2)
+            time.sleep(0.05)
     proc.terminate()
     raise SystemExit("app.py did not start")
 
@@ -81,9 +88,7 @@ def main():
     parser.add_argument("--deadline", type=float, default=300, help="seconds per level before giving up")
     args = parser.parse_args()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}/"
     proc = start_app(port)
     rows = []

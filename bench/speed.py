@@ -44,8 +44,6 @@ PAIRS, EPOCHS = 650, 2
 
 def _seed_recipe(pairs: int, output_dir: str):
     """The seed article's script, with the embedded model in place of ELYZA-8B and TRL 1.16's argument names."""
-    import json as _json
-
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from trl import DPOConfig, DPOTrainer
@@ -56,8 +54,8 @@ def _seed_recipe(pairs: int, output_dir: str):
     loaded = time.perf_counter()
     peft_config = LoraConfig(r=12, lora_alpha=12, target_modules=["q_proj", "v_proj"], lora_dropout=0.1, bias="none")
     model = get_peft_model(model, peft_config)
-    train_rows = _json.loads((embedded.EXAMPLES_DIR / "wakarimasen_train.json").read_text(encoding="utf-8"))[:pairs]
-    eval_rows = _json.loads((embedded.EXAMPLES_DIR / "wakarimasen_eval.json").read_text(encoding="utf-8"))
+    train_rows = json.loads((embedded.EXAMPLES_DIR / "wakarimasen_train.json").read_text(encoding="utf-8"))[:pairs]
+    eval_rows = json.loads((embedded.EXAMPLES_DIR / "wakarimasen_eval.json").read_text(encoding="utf-8"))
     tokenizer.pad_token = tokenizer.eos_token
 
     def tokenize_function(examples):  # the seed's, as written: every text padded to the tokenizer's maximum
@@ -114,9 +112,7 @@ def _ours(pairs: int, output_dir: str, overrides: dict, lever: str | None):
                                       system_prompt=settings.system_prompt, chat_template=True)
     trainers[0].args.train_sampling_strategy = "random"  # a new eval set has no length column to group by
     heldout = _heldout(trainers[0].evaluate(Dataset.from_list(eval_rows)))
-    history = [{"loss": m["loss"], "rewards/accuracies": m.get("rewards/accuracies"),
-                "rewards/margins": m.get("rewards/margins")} for m in result.metrics if "loss" in m]
-    return loaded, done, measure, history, heldout, result.model
+    return loaded, done, measure, result.metrics, heldout, result.model
 
 
 class _Measure(TrainerCallback):
@@ -245,34 +241,17 @@ LEVERS = {  # name: (what, settings overrides on top of ours, lever switch)
 def app_timings(repeats: int) -> list[tuple[str, str, str]]:
     """Start app.py, time until the page is served; through gradio_client: Start → first chart point, and both Compare
     answers with 256 new tokens (sampling on, the UI's defaults)."""
-    import socket
-    import urllib.request
-
     import gradio_client
-
-    def free_port():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+    from load import free_port, start_app  # bench/load.py, beside this file
 
     served, first_point, compare_s = [], [], []
     for _ in range(repeats):
         port = free_port()
-        env = {**os.environ, "PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_ANALYTICS_ENABLED": "False"}
         begin = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = start_app(port)
         try:
-            url = f"http://127.0.0.1:{port}/"
-            while True:
-                try:
-                    if urllib.request.urlopen(url, timeout=1).status == 200:
-                        break
-                except OSError:
-                    if proc.poll() is not None or time.perf_counter() - begin > 120:
-                        raise SystemExit("app.py did not serve the page") from None
-                    time.sleep(0.05)
             served.append(time.perf_counter() - begin)
+            url = f"http://127.0.0.1:{port}/"
             client = gradio_client.Client(url, verbose=False)
             visitor = client.predict(None, api_name="/visitor")
             client.predict("わかりません (seed, extreme)", api_name="/load_example")
