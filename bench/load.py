@@ -56,7 +56,7 @@ def visitor(url: str, requests: int, max_new_tokens: int, latencies: list, error
 
     try:
         client = gradio_client.Client(url, verbose=False)
-        visitor_id = client.predict(None, api_name="/visitor")
+        visitor_id, _ = client.predict(None, api_name="/visitor")
     except Exception as e:  # noqa: BLE001 - every failure is counted, none stops the others
         errors.append(f"connect: {type(e).__name__}: {e}")
         return

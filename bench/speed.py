@@ -244,6 +244,9 @@ def app_timings(repeats: int) -> list[tuple[str, str, str]]:
     import gradio_client
     from load import free_port, start_app  # bench/load.py, beside this file
 
+    from dpo_space import ui
+    from dpo_space.training import RunSettings
+
     served, first_point, compare_s = [], [], []
     for _ in range(repeats):
         port = free_port()
@@ -253,14 +256,13 @@ def app_timings(repeats: int) -> list[tuple[str, str, str]]:
             served.append(time.perf_counter() - begin)
             url = f"http://127.0.0.1:{port}/"
             client = gradio_client.Client(url, verbose=False)
-            visitor = client.predict(None, api_name="/visitor")
+            visitor, _ = client.predict(None, api_name="/visitor")
             client.predict("わかりません (seed, extreme)", api_name="/load_example")
-            args = [visitor, "embedded", 0.1, 12, 2, 12, 0.1, ["q_proj", "v_proj"], 4e-3, 16, 1, 256,
-                    "sigmoid (DPO)", 1.0, 42, False, 650, "人はどんなことをしてもらうと嬉しいですか?",
-                    "あなたは日本語チャットbotです。ユーザの質問答えてください。"]
+            args = [visitor, "embedded", 650, "人はどんなことをしてもらうと嬉しいですか?",
+                    *ui.widget_values(RunSettings.for_model("embedded"))]  # the Train tab as it opens
             begin = time.perf_counter()
             client.predict(*args, api_name="/train")
-            while not client.predict(visitor, api_name="/status")[1]["data"]:
+            while not client.predict(visitor, api_name="/status")[1]["value"]["data"]:
                 time.sleep(0.25)  # the page polls once a second; polling flat out would steal the training's cores
             first_point.append(time.perf_counter() - begin)
             client.predict(visitor, api_name="/stop")

@@ -95,6 +95,9 @@ def build_parser(settings_flags: bool = True) -> argparse.ArgumentParser:
         p.add_argument("--system-prompt", default=None, help="default: the one the adapter was trained with")
         p.add_argument("--load-in-4bit", type=_bool, default=None, metavar="true|false")
 
+    p = sub.add_parser("check-corpus", help="check corpus, conversation or held-out batches before they join examples/")
+    p.add_argument("files", nargs="+")
+
     p = sub.add_parser("build-embedded", help="build the embedded tiny Japanese chat model (and the example datasets) from examples/corpus")
     p.add_argument("--corpus", default=None)
     p.add_argument("--output", default=None)
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(settings_flags=command in (None, "train")).parse_args(argv)
     try:
         return {"validate": cmd_validate, "train": cmd_train, "compare": cmd_compare, "eval": cmd_eval,
-                "build-embedded": cmd_build_embedded}[args.command](args)
+                "build-embedded": cmd_build_embedded, "check-corpus": cmd_check_corpus}[args.command](args)
     except DPOSpaceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -124,6 +127,20 @@ def cmd_validate(args) -> int:
     note = f", read as {data.encoding}" if data.encoding not in ("utf-8", "utf-8-sig") else ""
     print(f"{data.source}: {len(data)} pairs ({layout}{note})")
     return 0
+
+
+def cmd_check_corpus(args) -> int:
+    from .corpus import check_file, read_jsonl
+
+    bad = 0
+    for path in args.files:
+        problems = check_file(path)
+        for problem in problems:
+            print(f"{path}: {problem}")
+        if not problems:
+            print(f"{path}: {len(read_jsonl(path))} rows, ok")
+        bad += bool(problems)
+    return 1 if bad else 0
 
 
 def cmd_train(args) -> int:
@@ -177,7 +194,8 @@ def _load_pair(args):
     model_id = args.model or (settings.model_name_or_path if settings else None)
     if model_id is None:
         model_id = json.loads((Path(args.adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model, tokenizer = load_model(model_id, load_in_4bit=args.load_in_4bit)
+    four_bit = args.load_in_4bit if args.load_in_4bit is not None else (settings.load_in_4bit if settings else True)
+    model, tokenizer = load_model(model_id, load_in_4bit=four_bit)
     model = load_adapter(model, args.adapter)
     return model, tokenizer, settings
 

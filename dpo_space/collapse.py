@@ -1,4 +1,5 @@
-"""Measures of mode collapse in generated text: repetition, distinct-n, refusal phrases, length.
+"""Measures of generated text: mode collapse (repetition, distinct-n, refusals, length) and plain quality (rare
+kanji, staying on topic, closeness to a reference answer).
 
 Japanese has no spaces, so n-grams are over characters (whitespace removed): a model stuck on
 「人生の、人生の、人生の」 repeats character trigrams just as an English one repeats word trigrams.
@@ -6,11 +7,26 @@ Japanese has no spaces, so n-grams are over characters (whitespace removed): a m
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass
 from statistics import mean
 
-REFUSAL_PHRASES = ("分かりません", "わかりません")
+# "I don't know" in Japanese, in every spelling: 分/判/解 or kana, okurigana or none, polite or plain, katakana and
+# half-width too (matched after NFKC and katakana → hiragana). A refusal closes its clause: 「分かりませんが、…」 goes on to
+# answer, and 「分からない単語は辞書で」 is advice, not a refusal.
+_REFUSAL = re.compile(
+    r"(?:(?:分|判|解)か?|わか)りません(?!が|けど|けれど)"
+    r"|(?:分|判|解|わ)からない(?=です|んです|ので|ため|と思|[。、！？!?.,…]|$)"
+)
+REFUSAL_PHRASES = None  # the built-in Japanese detector above; pass a tuple of phrases for another language
+
+
+def normalize(text: str) -> str:
+    """NFKC (full/half width) with katakana folded to hiragana: ワカリマセン and ﾜｶﾘﾏｾﾝ read as わかりません."""
+    text = unicodedata.normalize("NFKC", text)
+    return "".join(chr(ord(c) - 0x60) if "\u30a1" <= c <= "\u30f6" else c for c in text)
 
 
 def units(text: str) -> list[str]:
@@ -23,23 +39,77 @@ def ngrams(text: str, n: int) -> list[tuple[str, ...]]:
 
 
 def distinct_n(texts: str | list[str], n: int) -> float:
-    """Unique n-grams over all n-grams (Li et al., 2016); 1.0 for an empty text."""
+    """Unique n-grams over all n-grams (Li et al., 2016). Text too short to hold an n-gram scores 0: an empty answer
+    is the far end of collapse, not the freshest text there is."""
     grams = [g for t in ([texts] if isinstance(texts, str) else texts) for g in ngrams(t, n)]
-    return len(set(grams)) / len(grams) if grams else 1.0
+    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def repeated_ngram_share(texts: str | list[str], n: int = 3) -> float:
     """Share of n-gram occurrences that repeat an n-gram seen earlier: 0 for fresh text, near 1 for a loop. Over a set
-    of texts, n-grams are pooled (never spanning two texts): near 1 when every answer is the same sentence."""
+    of texts, n-grams are pooled (never spanning two texts): near 1 when every answer is the same sentence. Text too
+    short to hold an n-gram scores 1, as degenerate as a loop."""
     grams = [g for t in ([texts] if isinstance(texts, str) else texts) for g in ngrams(t, n)]
     if not grams:
-        return 0.0
+        return 1.0
     counts = Counter(grams)
     return sum(c - 1 for c in counts.values()) / len(grams)
 
 
-def has_refusal(text: str, phrases: tuple[str, ...] = REFUSAL_PHRASES) -> bool:
-    return any(p in text for p in phrases)
+def has_refusal(text: str, phrases: tuple[str, ...] | None = REFUSAL_PHRASES) -> bool:
+    """Whether the text says "I don't know": Japanese in any spelling by default, or any of `phrases` (NFKC)."""
+    if phrases is None:
+        return _REFUSAL.search(normalize(text)) is not None
+    text = unicodedata.normalize("NFKC", text)
+    return any(unicodedata.normalize("NFKC", p) in text for p in phrases)
+
+
+# ---------------------------------------------------------------- plain quality: the base model should converse
+
+
+def is_kanji(c: str) -> bool:
+    return "\u4e00" <= c <= "\u9fff" or "\u3400" <= c <= "\u4dbf" or "\uf900" <= c <= "\ufaff"
+
+
+def is_common_kanji(c: str) -> bool:
+    """In JIS X 0208 level 1 (Shift_JIS 0x889F–0x9872), the 2,965 kanji of everyday text; 々 counts as common."""
+    if c == "々":
+        return True
+    try:
+        code = int.from_bytes(c.encode("shift_jis"), "big")
+    except UnicodeEncodeError:
+        return False
+    return 0x889F <= code <= 0x9872
+
+
+def rare_kanji_share(texts: str | list[str]) -> float:
+    """Share of the kanji outside JIS level 1: ~0.1% in written answers; a model emitting stray byte pieces scores
+    percents."""
+    kanji = [c for t in ([texts] if isinstance(texts, str) else texts) for c in t if is_kanji(c) or c == "々"]
+    return sum(not is_common_kanji(c) for c in kanji) / len(kanji) if kanji else 0.0
+
+
+_CONTENT_WORD = re.compile(r"[\u4e00-\u9fff\u3400-\u4dbf々]{2,}|[\u30a1-\u30faー]{3,}")
+
+
+def content_words(text: str) -> set[str]:
+    """Runs of 2+ kanji or 3+ katakana: a rough but tokenizer-free stand-in for a text's nouns."""
+    return set(_CONTENT_WORD.findall(text))
+
+
+def on_topic(question: str, answer: str) -> bool:
+    """Whether the answer shares a content word with the question (written answers do in ~61% of cases)."""
+    return bool(content_words(question) & content_words(answer))
+
+
+def bigram_f1(answer: str, reference: str) -> float:
+    """F1 of the character bigrams (multisets, whitespace removed) of an answer against a reference answer."""
+    a, r = Counter(ngrams(answer, 2)), Counter(ngrams(reference, 2))
+    overlap = sum((a & r).values())
+    if not overlap:
+        return 0.0
+    precision, recall = overlap / sum(a.values()), overlap / sum(r.values())
+    return 2 * precision * recall / (precision + recall)
 
 
 @dataclass(frozen=True)
@@ -54,7 +124,7 @@ class TextMeasures:
         return asdict(self)
 
 
-def measure(text: str, phrases: tuple[str, ...] = REFUSAL_PHRASES) -> TextMeasures:
+def measure(text: str, phrases: tuple[str, ...] | None = REFUSAL_PHRASES) -> TextMeasures:
     return TextMeasures(
         refusal=has_refusal(text, phrases),
         distinct_1=distinct_n(text, 1),
@@ -78,7 +148,7 @@ class SetMeasures:
         return asdict(self)
 
 
-def summarize(texts: list[str], phrases: tuple[str, ...] = REFUSAL_PHRASES) -> SetMeasures:
+def summarize(texts: list[str], phrases: tuple[str, ...] | None = REFUSAL_PHRASES) -> SetMeasures:
     if not texts:
         return SetMeasures(0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0)
     per = [measure(t, phrases) for t in texts]

@@ -397,6 +397,8 @@ def as_training_rows(data: PreferenceData, *, system_prompt: str | None, chat_te
                         "rejected": [{"role": "assistant", "content": row["rejected"]}],
                     }
                 )
+            elif system_prompt and row["prompt"].startswith(f"{system_prompt}\n"):
+                out.append(dict(row))  # already formatted (train.json of an earlier run): formatting is idempotent
             else:
                 out.append({**row, "prompt": plain_prompt(row["prompt"], system_prompt)})
         else:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from peft import PeftModel
-from transformers import LogitsProcessor, LogitsProcessorList, TextIteratorStreamer, set_seed
+from transformers import LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
 from trl.data_utils import common_prefix_length
 
 from .collapse import REFUSAL_PHRASES, measure, summarize
@@ -37,12 +37,34 @@ class Sampling:
     system_prompt: str | None = SEED_SYSTEM_PROMPT
     repetition_penalty: float = 1.0
 
-    def generate_kwargs(self) -> dict:
-        if self.temperature <= 0:
-            return {"do_sample": False, "max_new_tokens": self.max_new_tokens,
-                    "repetition_penalty": self.repetition_penalty}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
-                "max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+    def generate_kwargs(self, tokenizer) -> dict:
+        """`model.generate` arguments. Sampling draws from a generator of its own (`SeededSampling`), never from
+        torch's global RNG: a run training beside the chat keeps its batch order and dropout, and an answer depends
+        on its seed alone, whoever else is chatting."""
+        processors = _utf8_guard(tokenizer)
+        if self.temperature > 0:
+            processors.append(SeededSampling(self.temperature, self.top_p, self.seed))
+        return {"do_sample": False, "max_new_tokens": self.max_new_tokens,
+                "repetition_penalty": self.repetition_penalty, "logits_processor": processors}
+
+
+class SeededSampling(LogitsProcessor):
+    """Temperature and nucleus (top-p) sampling with its own `torch.Generator`, as the last logits processor: it draws
+    the token and leaves only that one allowed, so `generate` in greedy mode takes it. Rows of a batch draw in turn
+    from the one generator, so a batch's answers depend on its seed and its prompts only."""
+
+    def __init__(self, temperature: float, top_p: float, seed: int):
+        self.temperature, self.top_p, self.seed = temperature, top_p, seed
+        self.generator: torch.Generator | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.generator is None:
+            self.generator = torch.Generator(device=scores.device).manual_seed(self.seed)
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        ordered, order = probs.sort(dim=-1, descending=True)
+        ordered = ordered.masked_fill(ordered.cumsum(-1) - ordered > self.top_p, 0.0)  # the top token always stays
+        token = order.gather(-1, torch.multinomial(ordered, 1, generator=self.generator))
+        return torch.full_like(scores, float("-inf")).scatter(-1, token, 0.0)
 
 
 Conversation = str | list[dict]  # one prompt, or the turns so far ending with the user's
@@ -207,10 +229,9 @@ def stream(model, tokenizer, conversation: Conversation, sampling: Sampling = Sa
     def run():
         try:
             with model_lock, adapter(model, use_adapter, adapter_name), torch.inference_mode():
-                set_seed(sampling.seed)
                 model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                                eos_token_id=_eos_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
-                               logits_processor=_utf8_guard(tokenizer), **sampling.generate_kwargs())
+                               **sampling.generate_kwargs(tokenizer))
         except BaseException as e:  # re-raised in the caller's thread
             errors.append(e)
             streamer.end()
@@ -248,10 +269,8 @@ def generate_batch(model, tokenizer, prompts: list[str], sampling: Sampling = Sa
             input_ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=model.device)
             mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=model.device)
             with model_lock, adapter(model, use_adapter, adapter_name), torch.inference_mode():
-                set_seed(sampling.seed)
                 out = model.generate(input_ids=input_ids, attention_mask=mask, eos_token_id=stop_ids,
-                                     pad_token_id=pad, logits_processor=_utf8_guard(tokenizer),
-                                     **sampling.generate_kwargs())
+                                     pad_token_id=pad, **sampling.generate_kwargs(tokenizer))
             answers += [a.rstrip("\ufffd") for a in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
             if ended is not None:
                 ended += [any(t in stop_ids for t in row.tolist()) for row in out[:, width:]]
@@ -280,13 +299,22 @@ def response_logps(model, tokenizer, conversation: Conversation, responses: list
     return out
 
 
-def implicit_rewards(model, tokenizer, conversation: Conversation, responses: list[str], beta: float,
+def implicit_reward(policy_logp: float, reference_logp: float, beta: float) -> float:
+    """DPO's implicit reward of a response, r(x, y) = β·(log πθ(y|x) − log πref(y|x)): what TRL logs as
+    `rewards/chosen` and `rewards/rejected`, and what Compare and the pair inspector show."""
+    return beta * (policy_logp - reference_logp)
+
+
+def implicit_rewards(model, tokenizer, scored: list[tuple[Conversation, str]], beta: float,
                      system_prompt: str | None, adapter_name: str | None = None) -> list[float]:
-    """DPO's implicit reward r(x, y) = β·(log πθ(y|x) − log πref(y|x)), with πref the base (adapter off)."""
-    policy = response_logps(model, tokenizer, conversation, responses, system_prompt, use_adapter=True,
-                            adapter_name=adapter_name)
-    reference = response_logps(model, tokenizer, conversation, responses, system_prompt, use_adapter=False)
-    return [beta * (p - r) for p, r in zip(policy, reference, strict=True)]
+    """The implicit reward of each (conversation, response), with πref the base (adapter off)."""
+    out = []
+    for conversation, response in scored:
+        policy, = response_logps(model, tokenizer, conversation, [response], system_prompt, use_adapter=True,
+                                 adapter_name=adapter_name)
+        reference, = response_logps(model, tokenizer, conversation, [response], system_prompt, use_adapter=False)
+        out.append(implicit_reward(policy, reference, beta))
+    return out
 
 
 # ---------------------------------------------------------------- evaluation
@@ -302,7 +330,7 @@ class Comparison:
 
 
 def evaluate(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling(), *,
-             phrases: tuple[str, ...] = REFUSAL_PHRASES, adapter_name: str | None = None,
+             phrases: tuple[str, ...] | None = REFUSAL_PHRASES, adapter_name: str | None = None,
              batch_size: int = 16, progress: Callable[[int], object] | None = None) -> dict:
     """Both answers to every prompt with their collapse measures, and a summary per side."""
     base = generate_batch(model, tokenizer, prompts, sampling, use_adapter=False, batch_size=batch_size,
@@ -321,6 +349,10 @@ def evaluate(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling
 
 
 
+PAIR_REPORT_COLUMNS = ("row", "prompt", "policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected",
+                       "reward_chosen", "reward_rejected", "margin", "ranked_right")
+
+
 def pair_report(model, tokenizer, rows: list[dict], beta: float, system_prompt: str | None, *,
                 adapter_name: str | None = None, progress: Callable[[int], object] | None = None) -> list[dict]:
     """Per preference pair: policy and reference log-probs of chosen and rejected, implicit rewards, and whether the
@@ -332,7 +364,7 @@ def pair_report(model, tokenizer, rows: list[dict], beta: float, system_prompt: 
         policy = response_logps(model, tokenizer, row["prompt"], texts, system_prompt, use_adapter=True,
                                 adapter_name=adapter_name)
         reference = response_logps(model, tokenizer, row["prompt"], texts, system_prompt, use_adapter=False)
-        r_c, r_r = (beta * (p - r) for p, r in zip(policy, reference, strict=True))
+        r_c, r_r = (implicit_reward(p, r, beta) for p, r in zip(policy, reference, strict=True))
         out.append({"row": i, "prompt": row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"],
                     "policy_chosen": policy[0], "policy_rejected": policy[1], "ref_chosen": reference[0],
                     "ref_rejected": reference[1], "reward_chosen": r_c, "reward_rejected": r_r,

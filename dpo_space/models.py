@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import os
+import threading
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,7 @@ PRESETS: dict[str, Preset] = {
             # A tiny model moves little per step at the seed's 5e-5; at 4e-3 the seed's 2 epochs give the seed's
             # result in under two minutes on two CPU cores (see bench/ and the README).
             settings={"learning_rate": 4e-3, "per_device_train_batch_size": 16, "warmup_steps": 0.1,
-                      "max_length": 256, "load_in_4bit": False, "train_sampling_strategy": "group_by_length"},
+                      "max_length": 256, "train_sampling_strategy": "group_by_length"},
             note="Built by `python -m dpo_space build-embedded` from examples/corpus; ships inside the package.",
         ),
         Preset(
@@ -93,6 +95,10 @@ class Hardware:
     device: str  # "cuda" or "cpu"
     name: str
     precision: str  # "bf16", "fp16" or "fp32": what training and 4-bit compute use
+    note: str = ""  # why the precision is not the card's default (an fp16 overflow found at load)
+
+    def describe(self) -> str:
+        return f"{self.name} · {self.precision}" + (f" ({self.note})" if self.note else "")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -108,6 +114,17 @@ def detect_hardware() -> Hardware:
     return Hardware("cpu", "CPU", "fp32")
 
 
+def with_precision(hardware: Hardware, requested: str) -> Hardware:
+    """The hardware as a run uses it: "auto" keeps what `detect_hardware` chose, anything else is asked for by name."""
+    if requested in ("auto", hardware.precision):
+        return hardware
+    if requested == "fp16" and hardware.device == "cpu":
+        raise DPOSpaceError("precision: fp16 needs a GPU; on the CPU use fp32 or bf16")
+    if requested == "bf16" and hardware.device == "cuda" and torch.cuda.get_device_capability()[0] < 8:
+        raise DPOSpaceError(f"precision: {hardware.name} has no native bf16; use fp16 or fp32")
+    return replace(hardware, precision=requested)
+
+
 GPU_DEFAULT = "tinyswallow-1.5b"  # Japanese, small: a chat copy and a training copy fit a 16 GB T4 side by side
 
 
@@ -117,12 +134,31 @@ def default_model(hardware: Hardware) -> str:
 
 
 def quantization_config(hardware: Hardware, quant_type: str = "nf4", double_quant: bool = True) -> BitsAndBytesConfig:
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=hardware.dtype,
-    )
+    """4-bit weights through TRL's own `get_quantization_config`, as `trl dpo` builds them: compute in the run's
+    precision."""
+    from trl import ModelConfig, get_quantization_config
+
+    return get_quantization_config(ModelConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                               use_bnb_nested_quant=double_quant, dtype=hardware.dtype))
+
+
+def device_map(hardware: Hardware, load_in_4bit: bool) -> dict | None:
+    """Where the weights go: on CUDA this process's own GPU (under torchrun or accelerate each rank has its
+    LOCAL_RANK; without them, the current device), on the CPU the CPU."""
+    if hardware.device == "cuda":
+        return {"": local_rank() if is_distributed() else torch.cuda.current_device()}
+    return {"": "cpu"} if load_in_4bit else None
+
+
+def is_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def local_rank() -> int:
+    """This process's index on its machine, as accelerate counts it (`PartialState().local_process_index`)."""
+    from accelerate import PartialState
+
+    return PartialState().local_process_index
 
 
 def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -159,33 +195,64 @@ def load_tokenizer(model_id: str, trust_remote_code: bool = False) -> PreTrained
 def load_model(
     model_id: str,
     *,
-    load_in_4bit: bool | None = None,
+    load_in_4bit: bool = True,
     hardware: Hardware | None = None,
     trust_remote_code: bool = False,
-    device_map: Any = None,
+    quantization: BitsAndBytesConfig | None = None,
 ):
-    """Load (model, tokenizer). 4-bit nf4 by default on CUDA; on the CPU full precision unless `load_in_4bit`."""
+    """Load (model, tokenizer): 4-bit nf4 unless `load_in_4bit` is False (`quantization` overrides the default 4-bit
+    config), in the hardware's precision, on this process's device. 4-bit on the CPU too: bitsandbytes runs nf4
+    there, and the demo is the QLoRA it says it is."""
     hardware = hardware or detect_hardware()
     path = resolve_model_id(model_id)
-    if load_in_4bit is None:
-        load_in_4bit = hardware.device == "cuda"
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": hardware.dtype}
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": hardware.dtype,
+                              "device_map": device_map(hardware, load_in_4bit)}
     if load_in_4bit:
-        kwargs["quantization_config"] = quantization_config(hardware)
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    elif hardware.device == "cuda":
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
-    else:
-        kwargs["device_map"] = {"": "cpu"} if load_in_4bit else None
+        kwargs["quantization_config"] = quantization or quantization_config(hardware)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with _loading:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise DPOSpaceError(f"cannot load model {model_id!r}: {e}") from None
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+# One load at a time per process: loading patches torch globally (meta-device init, default dtype), so a chat model
+# and a training copy loaded at once from two threads can corrupt each other's weights.
+_loading = threading.Lock()
+
+PROBE_TEXT = "人はどんなことをしてもらうと嬉しいですか? What makes people happy?"
+
+
+def stays_finite(model, tokenizer, text: str = PROBE_TEXT) -> bool:
+    """One forward pass on a probe prompt: are the logits finite? Qwen2-family models are known to overflow in fp16
+    (answers of "!!!!", NaN losses), which this catches at load instead of mid-run."""
+    ids = tokenizer(text, return_tensors="pt")["input_ids"].to(model.device)
+    with torch.inference_mode():
+        return bool(torch.isfinite(model(input_ids=ids).logits).all())
+
+
+def load_for_run(model_id: str, requested: str, hardware: Hardware, *, load_in_4bit: bool = True,
+                 trust_remote_code: bool = False, quantization=None) -> tuple[Any, Any, Hardware]:
+    """(model, tokenizer, the hardware as used): the precision asked for, and under "auto" on a GPU without bf16 an
+    fp16 check at load, falling back to fp32 compute when the model overflows in fp16. `quantization(hardware)`
+    builds the 4-bit config for a precision."""
+    hardware = with_precision(hardware, requested)
+    build = quantization or (lambda hw: quantization_config(hw))
+    model, tokenizer = load_model(model_id, load_in_4bit=load_in_4bit, hardware=hardware,
+                                  trust_remote_code=trust_remote_code,
+                                  quantization=build(hardware) if load_in_4bit else None)
+    if requested == "auto" and hardware.precision == "fp16" and not stays_finite(model, tokenizer):
+        log.warning("%s overflows in fp16 on %s: using fp32 compute", model_id, hardware.name)
+        del model
+        hardware = replace(hardware, precision="fp32", note="fp16 overflowed at load: fp32 compute")
+        model, tokenizer = load_model(model_id, load_in_4bit=load_in_4bit, hardware=hardware,
+                                      trust_remote_code=trust_remote_code,
+                                      quantization=build(hardware) if load_in_4bit else None)
+    return model, tokenizer, hardware
 
 
 def keep_4bit_differentiable(model) -> int:

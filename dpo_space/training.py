@@ -23,21 +23,23 @@ import yaml
 from datasets import Dataset
 from peft import PeftModel
 from transformers import PrinterCallback, TrainerCallback, set_seed
-from trl import DPOConfig, DPOTrainer, ModelConfig, get_peft_config
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from trl import DPOConfig, DPOTrainer, ModelConfig, get_peft_config, get_quantization_config
 
 from .data import SEED_SYSTEM_PROMPT, PreferenceData, as_training_rows, split, write_json
 from .errors import DPOSpaceError, TrainingError
-from .models import (EMBEDDED, Hardware, detect_hardware, has_chat_template, keep_4bit_differentiable, load_model,
-                     preset_for)
+from .models import (EMBEDDED, Hardware, detect_hardware, has_chat_template, keep_4bit_differentiable, load_for_run,
+                     preset_for, resolve_model_id, with_precision)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RunSettings:
-    """Everything a run needs. Field names are TRL's own (`ModelConfig`, `DPOConfig`), so a saved run.yaml replays
-    with `python -m dpo_space train --config run.yaml` and, from the run folder, with `trl dpo --config run.yaml`.
-    Defaults are the seed article's; `for_model` applies a preset's overrides."""
+    """Everything a run needs, and the one list of them: the CLI's flags, the app's widgets and run.yaml are all keyed
+    by these names, which are TRL's own (`ModelConfig`, `DPOConfig`), so a saved run.yaml replays with
+    `python -m dpo_space train --config run.yaml` and with `trl dpo --config run.yaml`. Defaults are the seed
+    article's; `for_model` applies a preset's overrides, a recipe overrides those."""
 
     # the model and its adapter (trl.ModelConfig)
     model_name_or_path: str = EMBEDDED
@@ -47,8 +49,11 @@ class RunSettings:
     trust_remote_code: bool = False
     lora_r: int = 12
     lora_alpha: int = 12
+    # Applied to the LoRA modules only (TRL's `disable_dropout` would zero it with the base's dropout, see `train`)
     lora_dropout: float = 0.1
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # "auto": bf16 where the GPU has it, else fp16 if the model stays finite in it (checked at load), else fp32
+    precision: str = "auto"
     # DPO and the optimiser (trl.DPOConfig)
     beta: float = 0.1
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
@@ -67,7 +72,7 @@ class RunSettings:
     train_sampling_strategy: str = "random"  # "group_by_length": batches of similar length, less padding
     gradient_checkpointing: bool = False
     logging_steps: int = 1
-    seed: int = 42
+    seed: int = 42  # the LoRA init and the batch order (`data_seed`): one seed, one run
     output_dir: str = "outputs/dpo-run"
     report_to: str = "none"  # "wandb", "tensorboard", "trackio"...: experiment tracking is opt-in
     # DPO Space's own: how rows are formatted, and the eval split when no eval file is given
@@ -77,7 +82,8 @@ class RunSettings:
     @classmethod
     def for_model(cls, model: str, **overrides) -> RunSettings:
         preset = preset_for(model)
-        return cls(**{"model_name_or_path": model, **(preset.settings if preset else {}), **overrides})
+        values = {"model_name_or_path": model, **(preset.settings if preset else {}), **overrides}
+        return cls(**coerce(values))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunSettings:
@@ -85,7 +91,7 @@ class RunSettings:
         unknown = sorted(set(values) - known - _TRL_ONLY_KEYS)
         if unknown:
             raise DPOSpaceError(f"unknown run settings: {', '.join(unknown)}")
-        settings = cls(**{k: v for k, v in values.items() if k in known})
+        settings = cls(**coerce({k: v for k, v in values.items() if k in known}))
         settings.check()
         return settings
 
@@ -106,14 +112,37 @@ class RunSettings:
             problems.append("per_device_train_batch_size and gradient_accumulation_steps must be >= 1")
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             problems.append(f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            problems.append(f"bnb_4bit_quant_type must be nf4 or fp4, got {self.bnb_4bit_quant_type!r}")
         if problems:
             raise DPOSpaceError("; ".join(problems))
 
-    def lora_config(self):
-        return get_peft_config(
-            ModelConfig(use_peft=True, lora_r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                        lora_target_modules=list(self.lora_target_modules))
+    def steps(self, pairs: int, processes: int = 1) -> int:
+        """Optimizer steps this run takes on `pairs` pairs (as Trainer counts them)."""
+        batches = math.ceil(pairs / (self.per_device_train_batch_size * processes))
+        per_epoch = max(1, math.ceil(batches / self.gradient_accumulation_steps))
+        if self.max_steps > 0:
+            return self.max_steps
+        return math.ceil(per_epoch * self.num_train_epochs)
+
+    def model_config(self, hardware: Hardware) -> ModelConfig:
+        """TRL's ModelConfig for these settings: what `trl dpo` builds the quantization and LoRA configs from."""
+        return ModelConfig(
+            model_name_or_path=resolve_model_id(self.model_name_or_path), dtype=DTYPE_NAMES[hardware.precision],
+            load_in_4bit=self.load_in_4bit, bnb_4bit_quant_type=self.bnb_4bit_quant_type,
+            use_bnb_nested_quant=self.use_bnb_nested_quant, use_peft=True, lora_r=self.lora_r,
+            lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+            lora_target_modules=list(self.lora_target_modules),
         )
+
+    def quantization_config(self, hardware: Hardware):
+        """BitsAndBytesConfig through TRL's own `get_quantization_config` (compute dtype = the run's precision)."""
+        return get_quantization_config(self.model_config(hardware))
+
+    def lora_config(self, hardware: Hardware | None = None):
+        return get_peft_config(self.model_config(hardware or Hardware("cpu", "CPU", "fp32")))
 
     def dpo_config(self, hardware: Hardware, output_dir: str | Path, *, has_eval: bool = False,
                    disable_tqdm: bool = True) -> DPOConfig:
@@ -141,8 +170,11 @@ class RunSettings:
             activation_checkpointing=self.gradient_checkpointing,  # transformers 5 name of the same switch
             logging_steps=self.logging_steps,
             seed=self.seed,
+            data_seed=self.seed,  # the batch order from the run's own seed, not from whatever else used torch's RNG
             report_to=self.report_to,
             trust_remote_code=self.trust_remote_code,
+            # TRL would zero lora_dropout along with the base's dropout; `train` zeroes the base's itself
+            disable_dropout=False,
             # what the hardware decides, not the user
             use_cpu=on_cpu,
             bf16=hardware.precision == "bf16",
@@ -156,12 +188,47 @@ class RunSettings:
             disable_tqdm=disable_tqdm,
         )
 
-    def to_yaml(self, data_files: dict[str, str] | None = None) -> str:
-        values = asdict(self)
-        values["use_peft"] = True
+    def trl_configs(self, hardware: Hardware, output_dir: str | Path = "outputs/dpo-run") -> dict[str, Any]:
+        """What TRL, PEFT and bitsandbytes get from these settings: every setting a user sees must change one."""
+        return {"dpo": self.dpo_config(hardware, output_dir), "lora": self.lora_config(hardware),
+                "bnb": self.quantization_config(hardware), "model": self.model_config(hardware)}
+
+    def to_yaml(self, hardware: Hardware, data_files: dict[str, str] | None = None) -> str:
+        """run.yaml: the run as it ran, in TRL's keys only, so that `trl dpo --config run.yaml` replays it (TRL hands
+        any key it does not know to `accelerate launch`, which refuses it). The model is its local path or Hub id;
+        the precision that ran is `dtype` with its bf16/fp16 switches; DPO Space's one setting TRL has no name for,
+        the system prompt (already in the rows of train.json), rides under `env:`, which TRL exports as an
+        environment variable that nothing reads. `read_run_config` reads it all back."""
+        values = {k: v for k, v in asdict(self).items() if k not in _OWN_FIELDS}
+        values["model_name_or_path"] = resolve_model_id(self.model_name_or_path)
+        config = self.dpo_config(hardware, self.output_dir)
+        values.update(use_peft=True, dtype=DTYPE_NAMES[hardware.precision], bf16=config.bf16, fp16=config.fp16,
+                      use_cpu=config.use_cpu, data_seed=config.data_seed, disable_dropout=config.disable_dropout,
+                      remove_unused_columns=config.remove_unused_columns, save_strategy="no")
+        values["env"] = {SYSTEM_PROMPT_ENV: self.system_prompt or ""}
         if data_files:
             values["datasets"] = [{"path": "json", "data_files": data_files["train"]}]
         return yaml.safe_dump(values, allow_unicode=True, sort_keys=False)
+
+
+# RunSettings fields that are DPO Space's own: not written to run.yaml as keys (see `to_yaml`)
+_OWN_FIELDS = {"precision", "system_prompt", "eval_fraction"}
+SYSTEM_PROMPT_ENV = "DPO_SPACE_SYSTEM_PROMPT"
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def coerce(values: dict[str, Any]) -> dict[str, Any]:
+    """Values from a widget, a flag or YAML to the types of RunSettings' fields: 8.0 → 8 for an int field."""
+    types = {f.name: str(f.type) for f in fields(RunSettings)}
+    out = dict(values)
+    for name, value in values.items():
+        kind = types.get(name, "")
+        if isinstance(value, float) and kind.startswith("int") and value.is_integer():
+            out[name] = int(value)
+        elif isinstance(value, int) and not isinstance(value, bool) and kind.startswith("float"):
+            out[name] = float(value)
+    return out
 
 
 # Recipes that teach: each overrides a few RunSettings fields on top of the model preset.
@@ -175,8 +242,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "gentle": {"beta": 0.5, "num_train_epochs": 1},
 }
 
-# Keys TRL's own `trl dpo --config` reads from our run.yaml; ours ignores them.
-_TRL_ONLY_KEYS = {"use_peft", "datasets", "dataset_name", "dataset_train_split", "dataset_test_split"}
+# Keys of run.yaml that are TRL's alone: ours reads the precision from `dtype` and decides the rest from the hardware
+# it runs on (a run.yaml from a CPU run replays on a GPU with our CLI; `trl dpo` takes --use_cpu false for that).
+_TRL_ONLY_KEYS = {"use_peft", "datasets", "dataset_name", "dataset_train_split", "dataset_test_split", "dtype", "bf16",
+                  "fp16", "use_cpu", "data_seed", "disable_dropout", "remove_unused_columns", "save_strategy", "env"}
+_PRECISION_OF_DTYPE = {name: key for key, name in DTYPE_NAMES.items()}
 
 METRIC_COLUMNS = [
     "step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -297,6 +367,7 @@ class RunResult:
     stopped: bool
     model: Any  # the PeftModel: the base with the trained adapter, still in memory for chat
     tokenizer: Any
+    hardware: Hardware | None = None  # as the run used it: device and precision
 
 
 def train(
@@ -322,11 +393,15 @@ def train(
     settings.check()
     hardware = hardware or detect_hardware()
     if model is None:
-        model, tokenizer = load_model(settings.model_name_or_path, load_in_4bit=settings.load_in_4bit,
-                                      hardware=hardware, trust_remote_code=settings.trust_remote_code)
-    elif isinstance(model, PeftModel):
-        model = model.unload()
-    keep_4bit_differentiable(model)  # eval passes and probe samples during training must not break its gradients
+        model, tokenizer, hardware = load_for_run(
+            settings.model_name_or_path, settings.precision, hardware, load_in_4bit=settings.load_in_4bit,
+            trust_remote_code=settings.trust_remote_code, quantization=settings.quantization_config)
+    else:
+        hardware = with_precision(hardware, settings.precision)
+        if isinstance(model, PeftModel):
+            model = model.unload()
+    keep_4bit_differentiable(model)
+    no_dropout_outside_lora(model)  # eval passes and probe samples during training must not break its gradients
     if eval_data is None and settings.eval_fraction > 0:
         train_data, eval_data = split(train_data, settings.eval_fraction, settings.seed)
     chat = has_chat_template(tokenizer)
@@ -351,9 +426,10 @@ def train(
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
-        peft_config=settings.lora_config(),
+        peft_config=settings.lora_config(hardware),
         callbacks=[stream, guard, *(callbacks or [])],
     )
+    seed_length_grouping(trainer, settings.seed)
     pad_halves_separately(trainer.model)
     if config.train_sampling_strategy == "group_by_length":  # transformers groups the eval batches too
         trainer.train_dataset = with_lengths(trainer.train_dataset)
@@ -385,19 +461,56 @@ def train(
     if save_on_stop or not guard.stopped:
         trainer.save_model(str(work_dir))  # adapter_model.safetensors + adapter_config.json (+ tokenizer)
         if is_main:
-            write_json(train_rows, work_dir / "train.json")
+            write_json(trained_rows(trainer.train_dataset), work_dir / "train.json")
             files = {"train": "train.json"}
             if eval_rows:
                 write_json(eval_rows, work_dir / "eval.json")
                 files["eval"] = "eval.json"
-            (work_dir / "run.yaml").write_text(settings.to_yaml(files), encoding="utf-8")
+            (work_dir / "run.yaml").write_text(settings.to_yaml(hardware, files), encoding="utf-8")
             replace_dir(work_dir, final_dir)
         trainer.accelerator.wait_for_everyone()
         saved = final_dir
     elif is_main:
         shutil.rmtree(work_dir, ignore_errors=True)
     trainer.model.eval()
-    return RunResult(saved, stream.records, stream.summary, guard.stopped, trainer.model, tokenizer)
+    return RunResult(saved, stream.records, stream.summary, guard.stopped, trainer.model, tokenizer, hardware)
+
+
+def trained_rows(dataset: Dataset) -> list[dict]:
+    """The rows as the run trained on them, in its order (after TRL dropped any that max_length cut to nothing), with
+    the token length that length grouping read: train.json, from which `trl dpo` and our CLI replay the run."""
+    keep = [c for c in ("prompt", "chosen", "rejected", "length") if c in dataset.column_names]
+    return dataset.select_columns(keep).to_list()
+
+
+def no_dropout_outside_lora(model) -> int:
+    """Zero every dropout of the base model, as TRL's `disable_dropout` would, but leave LoRA's own (`lora_dropout`) to
+    PEFT: DPO compares the policy with the reference (the same base, adapter off), so the base must be deterministic,
+    while dropout on the adapter's input is an ordinary regulariser. Returns how many dropouts were zeroed."""
+    zeroed = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and ".lora_dropout." not in f".{name}." and module.p:
+            module.p = 0.0
+            zeroed += 1
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if getattr(model.config, key, 0):  # functional dropouts (attention) read the config, not a module
+            setattr(model.config, key, 0.0)
+    return zeroed
+
+
+def seed_length_grouping(trainer, seed: int):
+    """transformers' LengthGroupedSampler draws its order from torch's global RNG, which another visitor's chat or a
+    probe sample moves; give it a generator of the run's own seed, so the seed alone decides the batch order (the
+    random sampler already follows `data_seed`)."""
+    build = trainer._get_train_sampler
+
+    def sampler(*args, **kwargs):
+        chosen = build(*args, **kwargs)
+        if isinstance(chosen, LengthGroupedSampler) and chosen.generator is None:
+            chosen.generator = torch.Generator().manual_seed(seed)
+        return chosen
+
+    trainer._get_train_sampler = sampler
 
 
 def score_completions_only():
@@ -513,8 +626,9 @@ def load_adapter(model, adapter_dir: str | Path, adapter_name: str = "default"):
 
 
 def read_run_config(path: str | Path) -> tuple[dict, dict]:
-    """A run.yaml to its settings (as written, checked against RunSettings) and the data files it names, resolved
-    against the YAML's folder."""
+    """A run.yaml to its settings (checked against RunSettings) and the data files it names, resolved against the
+    YAML's folder. Reads what `to_yaml` writes (TRL's keys, the system prompt under `env:`) and hand-written files
+    in RunSettings' own names."""
     path = Path(path)
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -527,8 +641,14 @@ def read_run_config(path: str | Path) -> tuple[dict, dict]:
         files = entry.get("data_files") if isinstance(entry, dict) else None
         if isinstance(files, str):
             data_files["train"] = str(path.parent / files)
-    RunSettings.from_dict(values)  # names the unknown or bad keys now
-    return {k: v for k, v in values.items() if k not in _TRL_ONLY_KEYS}, data_files
+    env = values.get("env") if isinstance(values.get("env"), dict) else {}
+    if SYSTEM_PROMPT_ENV in env:
+        values.setdefault("system_prompt", env[SYSTEM_PROMPT_ENV] or None)
+    if values.get("dtype") in _PRECISION_OF_DTYPE:
+        values.setdefault("precision", _PRECISION_OF_DTYPE[values["dtype"]])
+    settings = {k: v for k, v in values.items() if k not in _TRL_ONLY_KEYS}
+    RunSettings.from_dict(settings)  # names the unknown or bad keys now
+    return settings, data_files
 
 
 def partial_dir(output_dir: str | Path) -> Path:

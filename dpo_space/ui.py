@@ -1,4 +1,5 @@
-"""The Gradio skin: tabs wired to engine calls. No ML here; every handler calls `dpo_space`."""
+"""The Gradio skin: tabs wired to engine calls. No ML and no policy here: every handler calls `dpo_space` (the
+Space's rules live in `space`, the run settings in `training.RunSettings`)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,7 @@ import csv
 import functools
 import io
 import json
-import math
 import os
-import shutil
 import tempfile
 from inspect import isgeneratorfunction
 from pathlib import Path
@@ -16,13 +15,13 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from . import collapse, data, generation, memory, models, training
+from . import collapse, data, generation, memory, models, space, training
 from .errors import DataError, DPOSpaceError
 from .learn import LEARN_EN, LEARN_JA
+from .space import Limits
 from .workbench import Workbench, check_visitor, new_visitor_id
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-SHARED_SPACE_ID = os.environ.get("DPO_SPACE_SHARED_ID", "dpo-space/dpo-space")
 
 i18n = gr.I18n(
     ja={
@@ -78,30 +77,90 @@ RECIPE_LABELS = {
 LOSSES = {"sigmoid (DPO)": ["sigmoid"], "ipo": ["ipo"], "hinge": ["hinge"], "robust": ["robust"],
           "sigmoid + sft": ["sigmoid", "sft"]}
 CHART_HELP = {
-    "loss": "DPO loss: starts at log 2 ≈ 0.693 (no preference yet) and falls as the model separates the pairs.",
     "margin": "Reward margin = reward(chosen) − reward(rejected). It grows while the model learns the preference.",
     "accuracy": "Share of pairs in the batch whose chosen reward beats the rejected one.",
     "rewards": "Implicit rewards β·log πθ/πref. A falling chosen reward is normal while the margin grows: "
                "DPO pushes the rejected answer down faster.",
 }
 
+# The Train tab's run settings, each widget keyed by its RunSettings field (TRL's name): what a visitor sets is what
+# TRL gets (tests/test_ui.py checks that each one changes DPOConfig, LoraConfig, BitsAndBytesConfig or the rows).
+UP_FRONT = ("beta", "lora_r", "num_train_epochs")
+ADVANCED = ("lora_alpha", "lora_dropout", "lora_target_modules", "learning_rate", "per_device_train_batch_size",
+            "gradient_accumulation_steps", "max_length", "warmup_steps", "loss_type", "loss_weights", "seed",
+            "load_in_4bit", "bnb_4bit_quant_type", "use_bnb_nested_quant", "gradient_checkpointing", "precision",
+            "system_prompt")
+SETTINGS = UP_FRONT + ADVANCED
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+INTEGERS = ("lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "seed")
 
-def is_shared_space() -> bool:
-    return os.environ.get("SPACE_ID") == SHARED_SPACE_ID
+
+def setting_widget(name: str, value, epochs_cap: float = 10):
+    """The widget for one RunSettings field, labelled with the field's own name (TRL's) where it is technical."""
+    if name == "beta":
+        return gr.Slider(0.01, 1.0, value=value, step=0.01, label="beta (β)")
+    if name == "lora_r":
+        return gr.Slider(1, 64, value=value, step=1, label="LoRA rank (lora_r)")
+    if name == "num_train_epochs":
+        return gr.Slider(0.25, epochs_cap, value=value, step=0.25, label=i18n("epochs"))
+    if name == "lora_target_modules":
+        return gr.CheckboxGroup(TARGET_MODULES, value=value, label=name)
+    if name == "loss_type":
+        return gr.Dropdown(list(LOSSES), value=value, label=name)
+    if name == "loss_weights":  # shown only for the two-term loss, the one it weighs
+        return gr.Number(value, label="SFT weight (loss_weights)", visible=False)
+    if name == "precision":
+        return gr.Dropdown(list(training.PRECISIONS), value=value, label=name)
+    if name == "bnb_4bit_quant_type":
+        return gr.Dropdown(["nf4", "fp4"], value=value, label=name)
+    if name in ("load_in_4bit", "use_bnb_nested_quant", "gradient_checkpointing"):
+        return gr.Checkbox(value, label=name)
+    if name == "system_prompt":
+        return gr.Textbox(value, label=name)
+    return gr.Number(value, label=name, precision=0 if name in INTEGERS else None)
 
 
-class Limits:
-    """On the shared public Space, visitors share one GPU: cap the work. Duplicates and local runs are free."""
+def widget_values(settings: training.RunSettings) -> list:
+    """RunSettings → the widgets' values, in SETTINGS order."""
+    def shown_value(name):
+        value = getattr(settings, name)
+        if name == "loss_type":
+            return next((label for label, v in LOSSES.items() if v == value), "sigmoid (DPO)")
+        if name == "loss_weights":
+            return (value or [1.0, 1.0])[-1]
+        if name == "max_length":
+            return value or 1024
+        return "" if value is None else value
 
-    def __init__(self, shared: bool):
-        self.shared = shared
-        self.max_pairs = 700 if shared else 100_000
-        self.max_epochs = 3 if shared else 50
-        self.max_steps = 400 if shared else 100_000
-        self.max_new_tokens = 256 if shared else 1024
-        self.max_length = 1024 if shared else 32_768  # tokens per training sequence
-        self.eval_prompts = 40 if shared else 1000
-        self.inspect_pairs = 100 if shared else 2000
+    return [shown_value(name) for name in SETTINGS]
+
+
+def settings_values(values: list | tuple) -> dict:
+    """The widgets' values, in SETTINGS order → RunSettings fields."""
+    out = dict(zip(SETTINGS, values, strict=True))
+    out["loss_type"] = LOSSES[out["loss_type"]]
+    out["loss_weights"] = [1.0, float(out["loss_weights"])] if len(out["loss_type"]) == 2 else None
+    out["lora_target_modules"] = list(out["lora_target_modules"] or [])
+    out["system_prompt"] = out["system_prompt"] or None
+    return out
+
+
+def recipe_values(model: str, recipe: str) -> list:
+    """Every settings widget as the model's preset and the recipe set it (the SFT weight shown for its loss only)."""
+    settings = training.RunSettings.for_model(model, **training.RECIPES.get(recipe, {}))
+    values = widget_values(settings)
+    weight = SETTINGS.index("loss_weights")
+    values[weight] = gr.update(value=values[weight], visible=len(settings.loss_type) == 2)
+    return values
+
+
+def loss_caption(loss_type: list[str]) -> str:
+    """Where the loss chart starts, for the loss that is training: log 2 is the plain sigmoid loss's start only."""
+    start = {"sigmoid": "log 2 ≈ 0.693 (no preference yet)", "robust": "about log 2 ≈ 0.693",
+             "hinge": "1 (no margin yet)", "ipo": "1/(2β)², the square of the margin IPO aims at",
+             "sft": "the chosen answers' mean NLL (the SFT term)"}
+    first = " + weighted ".join(start.get(t, t) for t in loss_type)
+    return f"Loss ({' + '.join(loss_type)}): starts at {first}, and falls as the model separates the pairs."
 
 
 # ---------------------------------------------------------------- handlers (each a thin call into the engine)
@@ -165,7 +224,7 @@ def describe(pairs: data.PreferenceData) -> str:
             f"mean length chosen {sum(chosen) / len(chosen):.0f} / rejected {sum(rejected) / len(rejected):.0f} chars")
     if longer >= 0.8 or longer <= 0.2:
         side = "longer" if longer >= 0.8 else "shorter"
-        text += (f"\n\n⚠️ **Length bias**: chosen is {side} than rejected in {max(longer, 1 - longer):.0%} of pairs. "
+        text += (f"\n\n**Warning — length bias**: chosen is {side} than rejected in {max(longer, 1 - longer):.0%} of pairs. "
                  "DPO may learn length instead of quality (a shorter chosen teaches short answers).")
     if pairs.dropped:
         text += "\n\nDropped: " + "; ".join(map(str, pairs.dropped[:10]))
@@ -176,7 +235,7 @@ def problems_markdown(error: DataError) -> str:
     lines = [f"- {error.source}: {p}" for p in error.problems]
     if error.more:
         lines.append(f"- … and {error.more} more problem(s)")
-    return "❌ **The data was not changed.** Problems found:\n" + "\n".join(lines)
+    return "**The data was not changed.** Problems found:\n" + "\n".join(lines)
 
 
 def counter(progress, total: int, unit: str):
@@ -193,7 +252,7 @@ def counter(progress, total: int, unit: str):
 
 def load_example(name: str):
     pairs = data.read_preferences(EXAMPLES / EXAMPLE_FILES[name])
-    return pairs.rows, rows_to_frame(pairs.rows), "✅ " + describe(pairs)
+    return pairs.rows, rows_to_frame(pairs.rows), describe(pairs)
 
 
 def upload_file(path: str | None, rows: list[dict]):
@@ -210,7 +269,7 @@ def upload_file(path: str | None, rows: list[dict]):
     except DataError as e:
         return gr.update(), gr.update(), problems_markdown(e)
     note = f" (read as {pairs.encoding})" if pairs.encoding == "cp932" else ""
-    return pairs.rows, rows_to_frame(pairs.rows), f"✅ {name}{note}: " + describe(pairs)
+    return pairs.rows, rows_to_frame(pairs.rows), f"{name}{note}: " + describe(pairs)
 
 
 def apply_edits(frame: pd.DataFrame, rows: list[dict]):
@@ -218,7 +277,7 @@ def apply_edits(frame: pd.DataFrame, rows: list[dict]):
         pairs = data.validate_rows(frame_to_rows(frame), source="table")
     except DataError as e:
         return gr.update(), problems_markdown(e)
-    return pairs.rows, "✅ " + describe(pairs)
+    return pairs.rows, describe(pairs)
 
 
 def download_dataset(rows: list[dict]) -> str:
@@ -237,7 +296,7 @@ def build_extreme(bench: Workbench, limits: Limits, prompts_text: str, chosen: s
     rows = [{"prompt": p, "chosen": chosen, "rejected": a} for p, a in zip(prompts, answers, strict=True)
             if a.strip() and a != chosen]
     pairs = data.validate_rows(rows, source="built", drop_invalid=True)
-    return pairs.rows, rows_to_frame(pairs.rows), "✅ " + describe(pairs)
+    return pairs.rows, rows_to_frame(pairs.rows), describe(pairs)
 
 
 def model_choices(hardware: models.Hardware) -> list[tuple[str, str]]:
@@ -250,14 +309,6 @@ def model_choices(hardware: models.Hardware) -> list[tuple[str, str]]:
     return out
 
 
-def recipe_values(model: str, recipe: str):
-    s = training.RunSettings.for_model(model, **training.RECIPES.get(recipe, {}))
-    loss = next((k for k, v in LOSSES.items() if v == s.loss_type), "sigmoid (DPO)")
-    return (s.beta, s.lora_r, s.num_train_epochs, s.lora_alpha, s.lora_dropout, s.lora_target_modules,
-            s.learning_rate, s.per_device_train_batch_size, s.gradient_accumulation_steps, s.max_length or 1024,
-            loss, (s.loss_weights or [1.0, 1.0])[-1], s.seed, s.load_in_4bit)
-
-
 def gpu_memory_gib(hardware: models.Hardware) -> float | None:
     if hardware.device != "cuda":
         return None
@@ -266,75 +317,55 @@ def gpu_memory_gib(hardware: models.Hardware) -> float | None:
     return torch.cuda.get_device_properties(0).total_memory / memory.GIB
 
 
-def memory_check(hardware: models.Hardware, model, batch, accum, max_length, four_bit, lora_r, targets):
+def memory_check(hardware: models.Hardware, model: str, settings: training.RunSettings) -> tuple[str, str | None]:
     """(Markdown for the Train tab, warning or None): the estimated peak GPU memory of these settings, which of the
     usual GPUs it fits, and on this machine's GPU a batch / accumulation / checkpointing that fits if it does not."""
     preset = models.PRESETS.get(model)
     shape = memory.shape_for(preset.model_id if preset else model)
-    if shape is None or not batch or not max_length:
+    if shape is None:
         return "", None
-    checkpointing = training.RunSettings.for_model(model).gradient_checkpointing
-    sizes = dict(max_length=int(max_length), load_in_4bit=bool(four_bit), lora_r=int(lora_r or 1),
-                 lora_targets=tuple(targets or ()))
-    e = memory.estimate(shape, batch=int(batch), checkpointing=checkpointing, **sizes)
+    sizes = dict(max_length=int(settings.max_length or 1024), load_in_4bit=settings.load_in_4bit,
+                 lora_r=settings.lora_r, lora_targets=tuple(settings.lora_target_modules))
+    e = memory.estimate(shape, batch=settings.per_device_train_batch_size,
+                        checkpointing=settings.gradient_checkpointing, **sizes)
     g = e.gib()
-    fits = " · ".join(f"{name} {'✅' if e.total <= gib * memory.GIB else '❌'}" for name, gib in memory.GPUS.items())
+    fits = " · ".join(f"{name} {'fits' if e.total <= gib * memory.GIB else 'too small'}"
+                      for name, gib in memory.GPUS.items())
     text = (f"**Estimated peak GPU memory: {g['total']:.1f} GiB** (weights {g['weights']:.1f} · LoRA + optimizer "
             f"{g['lora']:.2f} · activations {g['activations']:.1f} · LM head {g['head']:.1f} · CUDA + slack "
-            f"{g['overhead']:.1f}; gradient checkpointing {'on' if checkpointing else 'off'}) — {fits}")
+            f"{g['overhead']:.1f}; gradient checkpointing {'on' if settings.gradient_checkpointing else 'off'}) — "
+            f"{fits}")
     warning = None
     available = gpu_memory_gib(hardware)
     if available is not None and e.total > available * memory.GIB:
-        p = memory.plan(shape, available, effective_batch=int(batch) * int(accum or 1), **sizes)
+        p = memory.plan(shape, available, effective_batch=settings.per_device_train_batch_size
+                        * settings.gradient_accumulation_steps, **sizes)
         advice = (f"try per_device_train_batch_size {p.batch} × gradient_accumulation_steps {p.accumulation}"
                   + (" with gradient checkpointing" if p.checkpointing else "")) if p.fits else \
             "lower max_length or pick a smaller model"
         warning = (f"These settings need about {g['total']:.1f} GiB and this GPU has {available:.1f} GiB: the run "
                    f"would likely stop with an out-of-memory error; {advice}.")
-        text += f"\n\n⚠️ {warning}"
+        text += f"\n\n**Warning:** {warning}"
     return text, warning
 
 
-def start_run(bench: Workbench, limits: Limits, visitor, rows, model, beta, lora_r, epochs, alpha, dropout, targets,
-              lr, batch, accum, max_length, loss, sft_weight, seed, four_bit, max_pairs, probe, system_prompt):
+def start_run(bench: Workbench, limits: Limits, visitor, rows, model, max_pairs, probe, *values):
+    """Queue a run with the settings as shown, fitted into the caps here (each cap that applied is named)."""
     visitor = check_visitor(visitor)
-    preset = models.PRESETS.get(model)
-    if preset is None:  # the shared Space accepts only its listed models
-        raise gr.Error(f"Unknown model {model!r}: pick one of the listed presets.")
-    if preset.needs_gpu and bench.hardware.device == "cpu":
-        raise gr.Error(f"{preset.label} needs a GPU; this machine has none. Duplicate the Space onto GPU hardware.")
-    if models.preset_for(bench.model_id) is not preset:
-        raise gr.Error(f"This app serves {bench.model_id}; start it with DPO_SPACE_MODEL={model} to train that one.")
+    space.check_model(model, bench.hardware, bench.model_id)
     if not rows:
-        raise gr.Error("No data: pick an example or upload a file in the Data tab.")
-    n = min(int(max_pairs), len(rows), limits.max_pairs)
-    if epochs > limits.max_epochs:
-        raise gr.Error(f"At most {limits.max_epochs} epochs on the shared Space (duplicate it to lift the cap).")
-    if max_length > limits.max_length:
-        raise gr.Error(f"max_length: at most {limits.max_length} tokens per sequence here (duplicate the Space to "
-                       "lift the cap).")
-    notes = []
-    if min(int(max_pairs), len(rows)) > limits.max_pairs:
-        notes.append(f"the first {limits.max_pairs} pairs (the shared Space's cap)")
-    steps = math.ceil(n / (max(1, int(batch)) * max(1, int(accum)))) * epochs  # a batch of 0 is named by check()
-    if limits.shared and steps > limits.max_steps:
-        notes.append(f"at most {limits.max_steps} steps (the shared Space's cap), not {steps:.0f}")
-    loss_type = LOSSES[loss]
-    _, warning = memory_check(bench.hardware, model, batch, accum, max_length, four_bit, lora_r, targets)
+        raise DPOSpaceError("No data: pick an example or upload a file in the Data tab.")
+    settings = space.space_settings(model, settings_values(values))
+    settings.check()
+    fitted = space.fit_run(settings, len(rows), limits, int(max_pairs or 0) or None)
+    _, warning = memory_check(bench.hardware, model, fitted.settings)
     if warning:
         gr.Warning(warning)
-    settings = training.RunSettings.for_model(
-        model, beta=float(beta), lora_r=int(lora_r), num_train_epochs=float(epochs), lora_alpha=int(alpha),
-        lora_dropout=float(dropout), lora_target_modules=list(targets), learning_rate=float(lr),
-        per_device_train_batch_size=int(batch), gradient_accumulation_steps=int(accum), max_length=int(max_length),
-        loss_type=loss_type, loss_weights=[1.0, float(sft_weight)] if len(loss_type) == 2 else None, seed=int(seed),
-        load_in_4bit=bool(four_bit), system_prompt=system_prompt or None,
-        trust_remote_code=False,  # a Space never runs a model repository's own code for its visitors
-        max_steps=limits.max_steps if limits.shared else -1,
-    )
-    pairs = data.validate_rows(rows[:n], source="dataset")
-    job = bench.submit(visitor, settings, pairs, probe=probe or None, sample_every=max(1, n // 32 or 1))
-    return f"queued ({job.id})" + "".join(f" · {note}" for note in notes)
+    pairs = data.validate_rows(rows[: fitted.pairs], source="dataset")
+    job = bench.submit(visitor, fitted.settings, pairs, probe=probe or None, sample_every=max(1, fitted.steps // 10))
+    status = f"queued ({job.id}): {fitted.pairs} pairs, {fitted.steps} steps" + "".join(
+        f" · {note}" for note in fitted.notes)
+    return status, gr.Timer(active=True)
 
 
 def stop_run(bench: Workbench, visitor):
@@ -342,26 +373,27 @@ def stop_run(bench: Workbench, visitor):
 
 
 def run_status(bench: Workbench, visitor):
-    """What the Train tab shows on every tick: status line, charts, sample timeline, downloads."""
+    """What the Train tab shows on each tick while a run is queued or running (the timer stops with the run): status
+    line, charts, the probe's answers, downloads."""
     empty = pd.DataFrame(columns=["step", "value", "series"])
     job = bench.job(visitor) if visitor else None
     if job is None:
-        return "No run yet.", empty, empty, empty, empty, pd.DataFrame(columns=["step", "answer"]), None, None, ""
+        return ("No run yet.", empty, empty, empty, empty, pd.DataFrame(columns=["step", "answer"]), None, None, "",
+                gr.Timer(active=False))
     metrics = job.metrics()
     last = metrics[-1] if metrics else {}
+    ran = space.describe_run(job.settings, bench.hardware, job.output_dir)
     if job.status == "queued":
-        status = f"⏳ waiting: position {bench.position(job)} in line (one training at a time)"
+        status = f"waiting: position {bench.position(job)} in line (one training at a time)"
     elif job.status == "running":
         step, total = int(last.get("step", 0)), int(last.get("max_steps", 0))
-        eta = ""
-        if step and total:
-            eta = f" · ETA {last['elapsed'] / step * (total - step):.0f}s"
-        status = f"🏃 running: step {step}/{total or '?'}{eta}"
+        eta = f" · ETA {last['elapsed'] / step * (total - step):.0f}s" if step and total else ""
+        status = f"running: step {step}/{total or '?'}{eta}"
         if last:
             status += f" · loss {last.get('loss', float('nan')):.4f} · margin {last.get('rewards/margins', 0):.3f}"
+        status += f" · {ran}"
     else:
-        icon = {"done": "✅", "stopped": "⏹️", "failed": "❌"}[job.status]
-        status = f"{icon} {job.status}: {job.message}"
+        status = f"{job.status}: {job.message} · {ran}"
 
     def series(*names):
         rows = [{"step": m["step"], "value": m[n], "series": n} for m in metrics for n in names if n in m]
@@ -371,29 +403,11 @@ def run_status(bench: Workbench, visitor):
                            columns=["step", "answer"])
     adapter_zip = yaml_file = command = None
     if job.status in ("done", "stopped") and job.output_dir.exists():
-        adapter_zip, yaml_file, command = run_downloads(job)
-    return (status, series("loss"), series("rewards/margins"), series("rewards/accuracies"),
-            series("rewards/chosen", "rewards/rejected"), samples, adapter_zip, yaml_file, command or "")
-
-
-def run_downloads(job) -> tuple[str, str, str]:
-    out = job.output_dir
-    archive = out.with_name(f"{out.name}-adapter.zip")
-    if not archive.exists():
-        keep = Path(tempfile.mkdtemp(prefix="dpo-space-zip-")) / "adapter"
-        keep.mkdir()
-        for name in ("adapter_model.safetensors", "adapter_config.json", "run.yaml", "metrics.csv", "train.json",
-                     "README.md"):
-            if (out / name).exists():
-                shutil.copy2(out / name, keep / name)
-        shutil.make_archive(str(archive.with_suffix("")), "zip", keep)
-        shutil.rmtree(keep.parent, ignore_errors=True)
-    model = job.settings.model_name_or_path
-    command = (f"# unzip the adapter, then, on your own GPU:\npip install -r requirements.txt\n"
-               f"python -m dpo_space train --config adapter/run.yaml --output outputs/replay\n"
-               f"# or with TRL's own script, from the adapter folder (model: {model}):\n"
-               f"cd adapter && trl dpo --config run.yaml --output_dir replay")
-    return str(archive), str(out / "run.yaml"), command
+        adapter_zip, yaml_file, command = space.run_downloads(job.output_dir)
+    loss = gr.LinePlot(value=series("loss"), caption=loss_caption(job.settings.loss_type))
+    return (status, loss, series("rewards/margins"), series("rewards/accuracies"),
+            series("rewards/chosen", "rewards/rejected"), samples, adapter_zip, yaml_file, command or "",
+            gr.Timer(active=job.active))
 
 
 def push_adapter(bench: Workbench, visitor, token: str, repo_id: str):
@@ -401,23 +415,12 @@ def push_adapter(bench: Workbench, visitor, token: str, repo_id: str):
     job = bench.job(check_visitor(visitor))
     if job is None or job.status not in ("done", "stopped"):
         return "Train a model first."
-    if not token or not repo_id or "/" not in repo_id:
-        return "Give a write token and a repository name like user/name."
-    from huggingface_hub import HfApi
-
-    files = ["adapter_model.safetensors", "adapter_config.json", "run.yaml", "README.md"]
-    try:
-        api = HfApi(token=token)
-        api.create_repo(repo_id, exist_ok=True, private=True)
-        api.upload_folder(folder_path=str(job.output_dir), repo_id=repo_id, allow_patterns=files)
-    except Exception as e:  # network, auth, name: say which without echoing the token
-        return f"Push failed: {type(e).__name__}: {str(e).replace(token, '***')[:300]}"
-    return f"Pushed to https://huggingface.co/{repo_id} (private)."
+    return space.push_adapter(job.output_dir, token, repo_id)
 
 
 def sampling_from(temperature, top_p, max_new_tokens, seed, system_prompt, limits: Limits) -> generation.Sampling:
     if int(max_new_tokens) > limits.max_new_tokens:
-        raise gr.Error(f"max_new_tokens: at most {limits.max_new_tokens} new tokens per answer here.")
+        raise DPOSpaceError(f"max_new_tokens: at most {limits.max_new_tokens} new tokens per answer here.")
     return generation.Sampling(temperature=float(temperature), top_p=float(top_p),
                                max_new_tokens=int(max_new_tokens), seed=int(seed),
                                system_prompt=system_prompt or None)
@@ -435,30 +438,29 @@ def measures_markdown(text: str, reward: float | None) -> str:
 def compare(bench: Workbench, limits: Limits, visitor, prompt, base_history, dpo_history, temperature, top_p,
             max_new_tokens, seed, system_prompt):
     """Stream the base answer, then the DPO answer, to the same prompt with the same seed; each side keeps its own
-    conversation."""
+    conversation, and each answer's implicit reward is scored in its own conversation."""
     visitor = check_visitor(visitor)
     if not prompt or not prompt.strip():
-        raise gr.Error("Type a prompt first.")
+        raise DPOSpaceError("Type a prompt first.")
     sampling = sampling_from(temperature, top_p, max_new_tokens, seed, system_prompt, limits)
     has_dpo = bench.adapter_name(visitor) is not None
-    base_history = list(base_history or []) + [{"role": "user", "content": prompt}]
-    dpo_history = list(dpo_history or []) + [{"role": "user", "content": prompt}]
-    answers = {"base": "", "dpo": ""}
-    for side, history in (("base", base_history), ("dpo", dpo_history)):
+    histories = {"base": list(base_history or []) + [{"role": "user", "content": prompt}],
+                 "dpo": list(dpo_history or []) + [{"role": "user", "content": prompt}]}
+    for side, history in histories.items():
         history.append({"role": "assistant", "content": ""})
         if side == "dpo" and not has_dpo:
             history[-1]["content"] = "(no DPO model yet: train one in the Train tab)"
             break
-        conversation = [m for m in history[:-1]]
-        for text in bench.answer(visitor, conversation, sampling, dpo=side == "dpo"):
-            history[-1]["content"] = answers[side] = text
-            yield base_history, dpo_history, "", "", ""
-    beta = bench.job(visitor).settings.beta if has_dpo and bench.job(visitor) else 0.1
-    conversation = base_history[:-1]
-    rewards = bench.rewards(visitor, conversation, [answers["base"], answers["dpo"]], beta, sampling.system_prompt) \
-        if has_dpo else [None, None]
-    yield (base_history, dpo_history, "", measures_markdown(answers["base"], rewards[0]),
-           measures_markdown(answers["dpo"], rewards[1]) if has_dpo else "")
+        for text in bench.answer(visitor, history[:-1], sampling, dpo=side == "dpo"):
+            history[-1]["content"] = text
+            yield histories["base"], histories["dpo"], "", "", ""
+    scored = [(history[:-1], history[-1]["content"]) for history in histories.values()]
+    rewards = bench.rewards(visitor, scored, sampling.system_prompt) if has_dpo else [None, None]
+    yield (histories["base"], histories["dpo"], "", measures_markdown(scored[0][1], rewards[0]),
+           measures_markdown(scored[1][1], rewards[1]) if has_dpo else "")
+
+
+SUMMARY_MEASURES = ("refusal_rate", "distinct_2", "repetition", "repetition_across")
 
 
 def evaluate(bench: Workbench, limits: Limits, visitor, prompts_text, temperature, top_p, max_new_tokens, seed,
@@ -474,30 +476,33 @@ def evaluate(bench: Workbench, limits: Limits, visitor, prompts_text, temperatur
     report = bench.evaluate(visitor, prompts, sampling, progress=tick)
     table = pd.DataFrame([{
         "prompt": r["prompt"], "base": r["base"], "dpo": r["dpo"],
-        "base refusal": r["base_measures"]["refusal"], "dpo refusal": r["dpo_measures"]["refusal"],
-        "base repetition": round(r["base_measures"]["repetition"], 3),
-        "dpo repetition": round(r["dpo_measures"]["repetition"], 3),
+        "refusal (base / dpo)": f"{'yes' if r['base_measures']['refusal'] else 'no'} / "
+                                f"{'yes' if r['dpo_measures']['refusal'] else 'no'}",
+        "repetition (base / dpo)": f"{r['base_measures']['repetition']:.2f} / {r['dpo_measures']['repetition']:.2f}",
     } for r in report["rows"]])
     summary = report["summary"]
-    chart = pd.DataFrame([{"measure": k, "value": float(summary[side][k]), "model": side}
-                          for side in ("base", "dpo") for k in ("refusal_rate", "distinct_2", "repetition", "repetition_across")])
+    # one bar per measure and model, side by side (a shared x would stack them, which reads as a sum)
+    chart = pd.DataFrame([{"bar": f"{k} · {side}", "value": float(summary[side][k]), "model": side}
+                          for k in SUMMARY_MEASURES for side in ("base", "dpo")])
     text = "\n".join(f"- **{side}**: refusal {s['refusal_rate']:.0%} · distinct-2 {s['distinct_2']:.2f} · "
-                     f"repetition {s['repetition']:.2f} (within answers) / {s['repetition_across']:.2f} (across answers) · "
-                     f"mean length {s['mean_length']:.0f}"
+                     f"repetition {s['repetition']:.2f} (within answers) / {s['repetition_across']:.2f} (across "
+                     f"answers) · mean length {s['mean_length']:.0f}"
                      for side, s in summary.items())
     if capped:
         text += f"\n\n(the first {limits.eval_prompts} prompts: the cap here)"
     return table, text, chart, frame_to_csv(table, "evaluation.csv")
 
 
-def inspect_pairs(bench: Workbench, limits: Limits, visitor, rows, system_prompt, progress=gr.Progress()):
+def inspect_pairs(bench: Workbench, limits: Limits, visitor, rows, progress=gr.Progress()):
+    """Per pair, the DPO model's log-probs and implicit rewards, formatted as the run trained them (its system
+    prompt, its β)."""
     visitor = check_visitor(visitor)
     if not rows:
-        raise gr.Error("No data loaded.")
+        raise DPOSpaceError("No data loaded.")
     capped = len(rows) > limits.inspect_pairs
     rows = rows[: limits.inspect_pairs]
     tick = counter(progress, len(rows), "pairs")
-    report = bench.pair_report(visitor, rows, system_prompt or None, progress=tick)
+    report = bench.pair_report(visitor, rows, progress=tick)
     table = pd.DataFrame(report).round(3)
     right = sum(r["ranked_right"] for r in report) / len(report)
     cap = f" (the first {limits.inspect_pairs}: the cap here)" if capped else ""
@@ -517,9 +522,9 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
     if bench is None:
         hardware = models.detect_hardware()
         bench = Workbench(os.environ.get("DPO_SPACE_MODEL") or models.default_model(hardware), hardware=hardware)
-    limits = Limits(is_shared_space() if shared is None else shared)
+    limits = Limits.for_space(shared)
     default_model = getattr(models.preset_for(bench.model_id), "key", models.EMBEDDED)
-    defaults = recipe_values(default_model, "seed")
+    defaults = dict(zip(SETTINGS, widget_values(training.RunSettings.for_model(default_model)), strict=True))
 
     with gr.Blocks(title="DPO Space") as app:
         visitor = gr.BrowserState(None, storage_key="dpo_space_visitor")
@@ -547,38 +552,27 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
             with gr.Row():
                 model = gr.Dropdown(model_choices(bench.hardware), value=default_model, label=i18n("model"))
                 recipe = gr.Dropdown([(v, k) for k, v in RECIPE_LABELS.items()], value="seed", label=i18n("recipe"))
+            widgets = {}
             with gr.Row():
-                beta = gr.Slider(0.01, 1.0, value=defaults[0], step=0.01, label="beta (β)")
-                lora_r = gr.Slider(1, 64, value=defaults[1], step=1, label="LoRA rank r")
-                epochs = gr.Slider(0.25, 10, value=defaults[2], step=0.25, label=i18n("epochs"))
+                for name in UP_FRONT:
+                    widgets[name] = setting_widget(name, defaults[name], epochs_cap=min(10, limits.max_epochs))
             with gr.Accordion(i18n("advanced"), open=False):
-                with gr.Row():
-                    alpha = gr.Number(defaults[3], label="lora_alpha", precision=0)
-                    dropout = gr.Number(defaults[4], label="lora_dropout")
-                    targets = gr.CheckboxGroup(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                "down_proj"], value=defaults[5], label="target modules")
-                with gr.Row():
-                    lr = gr.Number(defaults[6], label="learning_rate")
-                    batch = gr.Number(defaults[7], label="per_device_train_batch_size", precision=0)
-                    accum = gr.Number(defaults[8], label="gradient_accumulation_steps", precision=0)
-                    max_length = gr.Number(defaults[9], label="max_length", precision=0)
-                with gr.Row():
-                    loss = gr.Dropdown(list(LOSSES), value=defaults[10], label="loss_type")
-                    sft_weight = gr.Number(defaults[11], label="SFT weight (sigmoid + sft)")
-                    seed = gr.Number(defaults[12], label="seed", precision=0)
-                    four_bit = gr.Checkbox(defaults[13], label="4-bit (nf4)")
+                for start in range(0, len(ADVANCED), 4):
+                    with gr.Row():
+                        for name in ADVANCED[start : start + 4]:
+                            widgets[name] = setting_widget(name, defaults[name])
                 with gr.Row():
                     max_pairs = gr.Number(650, label=i18n("max_pairs"), precision=0)
                     probe = gr.Textbox("人はどんなことをしてもらうと嬉しいですか?", label=i18n("probe"))
-                    system_prompt = gr.Textbox(data.SEED_SYSTEM_PROMPT, label="system prompt")
+            settings_widgets = [widgets[name] for name in SETTINGS]
             memory_estimate = gr.Markdown(elem_id="memory-estimate")
             with gr.Row():
                 start = gr.Button(i18n("start"), variant="primary", elem_id="start")
                 stop = gr.Button(i18n("stop"), variant="stop")
             status = gr.Markdown("No run yet.", elem_id="run-status")
             with gr.Row():
-                loss_plot = gr.LinePlot(x="step", y="value", color="series", title="loss", caption=CHART_HELP["loss"],
-                                        elem_id="loss-plot")
+                loss_plot = gr.LinePlot(x="step", y="value", color="series", title="loss",
+                                        caption=loss_caption(["sigmoid"]), elem_id="loss-plot")
                 margin_plot = gr.LinePlot(x="step", y="value", color="series", title="reward margin",
                                           caption=CHART_HELP["margin"])
             with gr.Row():
@@ -596,7 +590,7 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
                 repo = gr.Textbox(label=i18n("repo"))
                 push = gr.Button(i18n("push"))
                 push_result = gr.Markdown()
-            timer = gr.Timer(1.0)
+            timer = gr.Timer(1.0, active=False)  # polls only while this visitor's run is queued or running
 
         with gr.Tab(i18n("compare")):
             with gr.Row():
@@ -621,12 +615,15 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
             eval_prompts = gr.Textbox(lines=4, label=i18n("eval_prompts"))
             run_eval = gr.Button(i18n("run_eval"), variant="primary")
             eval_summary = gr.Markdown()
-            eval_chart = gr.BarPlot(x="measure", y="value", color="model", title="base vs DPO")
-            eval_table = gr.Dataframe(wrap=True, interactive=False)
+            eval_chart = gr.BarPlot(x="bar", y="value", color="model", title="base vs DPO", x_title="",
+                                    sort=[f"{k} · {side}" for k in SUMMARY_MEASURES for side in ("base", "dpo")],
+                                    elem_id="eval-chart")
+            eval_table = gr.Dataframe(wrap=True, interactive=False, max_height=520,
+                                      column_widths=["18%", "31%", "31%", "10%", "10%"], elem_id="eval-table")
             eval_csv = gr.File(label="CSV", interactive=False)
             inspect = gr.Button(i18n("inspect"))
             inspect_summary = gr.Markdown()
-            inspect_table = gr.Dataframe(interactive=False)
+            inspect_table = gr.Dataframe(interactive=False, headers=list(generation.PAIR_REPORT_COLUMNS))
             inspect_csv = gr.File(label="CSV", interactive=False)
 
         with gr.Tab(i18n("learn")):
@@ -636,11 +633,13 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
         # ---- wiring: every handler is a thin call into the engine
         def ensure_visitor(current):
             try:
-                return check_visitor(current)
+                visitor_id = check_visitor(current)
             except DPOSpaceError:
-                return new_visitor_id()
+                visitor_id = new_visitor_id()
+            job = bench.job(visitor_id)
+            return visitor_id, gr.Timer(active=job is not None)  # one tick shows a finished run; live ones keep going
 
-        app.load(ensure_visitor, visitor, visitor, api_name="visitor")
+        app.load(ensure_visitor, visitor, [visitor, timer], api_name="visitor")
         app.load(load_example, example, [rows, table, report], api_name=False)
         load.click(load_example, example, [rows, table, report], api_name="load_example")
         upload.upload(upload_file, [upload, rows], [rows, table, report], api_name="upload")
@@ -649,37 +648,34 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
         extreme_build.click(shown(lambda p, c, progress=gr.Progress(): build_extreme(bench, limits, p, c, progress)),
                             [extreme_prompts, extreme_chosen], [rows, table, report], api_name="build_extreme")
 
-        advanced = [beta, lora_r, epochs, alpha, dropout, targets, lr, batch, accum, max_length, loss, sft_weight,
-                    seed, four_bit]
-        recipe.change(recipe_values, [model, recipe], advanced, api_name=False)
-        model.change(recipe_values, [model, recipe], advanced, api_name=False)
-        memory_inputs = [model, batch, accum, max_length, four_bit, lora_r, targets]
-        estimate_memory = lambda *a: memory_check(bench.hardware, *a)[0]  # noqa: E731
-        gr.on([app.load, *(c.change for c in memory_inputs)], estimate_memory, memory_inputs, memory_estimate,
-              api_name="memory", show_progress="hidden")
+        gr.on([recipe.change, model.change], recipe_values, [model, recipe], settings_widgets, api_name=False)
+        widgets["loss_type"].change(lambda loss: gr.update(visible=len(LOSSES[loss]) == 2), widgets["loss_type"],
+                                    widgets["loss_weights"], api_name=False)
+        estimate_memory = shown(lambda model_key, *values: memory_check(
+            bench.hardware, model_key, training.RunSettings.for_model(model_key, **settings_values(values)))[0])
+        gr.on([app.load, model.change, *(w.change for w in settings_widgets)], estimate_memory,
+              [model, *settings_widgets], memory_estimate, api_name="memory", show_progress="hidden")
         start.click(shown(lambda *a: start_run(bench, limits, *a)),
-                    [visitor, rows, model, *advanced, max_pairs, probe, system_prompt], status, api_name="train")
+                    [visitor, rows, model, max_pairs, probe, *settings_widgets], [status, timer], api_name="train")
         stop.click(shown(lambda v: stop_run(bench, v)), visitor, status, api_name="stop")
-        outputs = [status, loss_plot, margin_plot, accuracy_plot, rewards_plot, samples, adapter_zip, run_yaml, replay]
+        outputs = [status, loss_plot, margin_plot, accuracy_plot, rewards_plot, samples, adapter_zip, run_yaml, replay,
+                   timer]
         timer.tick(shown(lambda v: run_status(bench, v)), visitor, outputs, api_name="status", show_progress="hidden")
         push.click(shown(lambda v, t, r: push_adapter(bench, v, t, r)), [visitor, token, repo], push_result,
                    api_name="push")
 
         sampling_inputs = [temperature, top_p, max_new, sample_seed, chat_system]
-        send.click(shown(lambda *a: (yield from compare(bench, limits, *a))),
-                   [visitor, prompt, base_chat, dpo_chat, *sampling_inputs],
-                   [base_chat, dpo_chat, prompt, base_measures, dpo_measures], api_name="compare")
-        prompt.submit(shown(lambda *a: (yield from compare(bench, limits, *a))),
-                      [visitor, prompt, base_chat, dpo_chat, *sampling_inputs],
-                      [base_chat, dpo_chat, prompt, base_measures, dpo_measures], api_name=False)
+        for trigger, api_name in ((send.click, "compare"), (prompt.submit, False)):
+            trigger(shown(lambda *a: (yield from compare(bench, limits, *a))),
+                    [visitor, prompt, base_chat, dpo_chat, *sampling_inputs],
+                    [base_chat, dpo_chat, prompt, base_measures, dpo_measures], api_name=api_name)
         clear.click(lambda: ([], [], "", ""), None, [base_chat, dpo_chat, base_measures, dpo_measures],
                     api_name="clear")
         run_eval.click(shown(lambda *a, progress=gr.Progress(): evaluate(bench, limits, *a, progress=progress)),
                        [visitor, eval_prompts, *sampling_inputs], [eval_table, eval_summary, eval_chart, eval_csv],
                        api_name="evaluate")
-        inspect.click(shown(lambda v, r, s, progress=gr.Progress(): inspect_pairs(bench, limits, v, r, s, progress)),
-                      [visitor, rows, chat_system], [inspect_table, inspect_summary, inspect_csv],
-                      api_name="inspect")
+        inspect.click(shown(lambda v, r, progress=gr.Progress(): inspect_pairs(bench, limits, v, r, progress)),
+                      [visitor, rows], [inspect_table, inspect_summary, inspect_csv], api_name="inspect")
     app.queue(default_concurrency_limit=4)
     return app
 

@@ -84,7 +84,8 @@ class Workbench:
         self.model_id = model_id
         self.root = Path(root)
         self.hardware = hardware or detect_hardware()
-        self.load_in_4bit = load_in_4bit
+        # the chat copy is loaded as the preset trains (4-bit nf4 by default), so the adapter meets the base it knows
+        self.load_in_4bit = RunSettings.for_model(model_id).load_in_4bit if load_in_4bit is None else load_in_4bit
         self.trust_remote_code = trust_remote_code
         self._model = None
         self.tokenizer = None
@@ -132,11 +133,13 @@ class Workbench:
         yield from stream(model, self.tokenizer, conversation, sampling, use_adapter=dpo, adapter_name=name)
 
     @spaces.GPU(duration=30)
-    def rewards(self, visitor: str, conversation, responses: list[str], beta: float, system_prompt: str | None):
+    def rewards(self, visitor: str, scored: list, system_prompt: str | None):
+        """The implicit reward (β of the visitor's run) of each (conversation, answer) under their DPO model."""
         name = self.adapter_name(check_visitor(visitor))
         if name is None:
-            return [None] * len(responses)
-        return implicit_rewards(self.model, self.tokenizer, conversation, responses, beta, system_prompt, name)
+            return [None] * len(scored)
+        beta = self._jobs[visitor].settings.beta
+        return implicit_rewards(self.model, self.tokenizer, scored, beta, system_prompt, name)
 
     @spaces.GPU(duration=120)
     def base_answers(self, prompts: list[str], sampling: Sampling, progress=None) -> list[str]:
@@ -150,11 +153,12 @@ class Workbench:
         return evaluate(self.model, self.tokenizer, prompts, sampling, adapter_name=name, progress=progress)
 
     @spaces.GPU(duration=120)
-    def pair_report(self, visitor: str, rows: list[dict], system_prompt: str | None, progress=None) -> list[dict]:
+    def pair_report(self, visitor: str, rows: list[dict], progress=None) -> list[dict]:
+        """Each pair scored as the visitor's run trained it: its β and its system prompt."""
         name = self._dpo_adapter(visitor)
-        beta = self._jobs[visitor].settings.beta
-        return pair_report(self.model, self.tokenizer, rows, beta, system_prompt, adapter_name=name,
-                           progress=progress)
+        settings = self._jobs[visitor].settings
+        return pair_report(self.model, self.tokenizer, rows, settings.beta, settings.system_prompt,
+                           adapter_name=name, progress=progress)
 
     def _dpo_adapter(self, visitor: str) -> str:
         name = self.adapter_name(check_visitor(visitor))

@@ -79,6 +79,7 @@ def test_journey(page, tmp_path):
     page.reload()
     page.get_by_role("tab", name="学習").click()
     page.locator("#run-status").get_by_text("done").wait_for(timeout=180_000)
+    assert "4-bit nf4" in page.locator("#run-status").inner_text()  # what ran, said on the page
     assert page.locator("#loss-plot canvas, #loss-plot svg").count() > 0
     shot(page, "2-train")
 
@@ -91,6 +92,14 @@ def test_journey(page, tmp_path):
     shot(page, "3-compare")
 
     page.get_by_role("tab", name="評価").click()
+    page.get_by_label("評価用の質問").fill("人はどんなことをしてもらうと嬉しいですか?\n部屋の掃除のコツは?\n朝ごはんを食べるメリットは?")
+    page.get_by_role("button", name="評価を実行").click()
+    page.locator("#eval-table").get_by_text("部屋の掃除のコツは?").wait_for(timeout=120_000)
+    page.locator("#eval-chart canvas, #eval-chart svg").first.wait_for()
+    table = page.locator("#eval-table")
+    # the answers are on screen at 1400 px, not only the prompt column
+    box = table.get_by_role("columnheader", name="dpo").first.bounding_box()
+    assert box and box["x"] + box["width"] <= 1400
     shot(page, "4-evaluate")
     page.get_by_role("tab", name="解説").click()
     page.locator(".katex-display").first.wait_for()  # the formulas are rendered, not left as TeX

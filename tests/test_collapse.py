@@ -1,4 +1,7 @@
-from dpo_space.collapse import distinct_n, has_refusal, measure, repeated_ngram_share, summarize
+import pytest
+
+from dpo_space.collapse import (bigram_f1, content_words, distinct_n, has_refusal, measure, on_topic, rare_kanji_share,
+                                repeated_ngram_share, summarize)
 
 
 def test_fresh_text_has_no_repetition_and_a_loop_has_a_lot():
@@ -9,16 +12,58 @@ def test_fresh_text_has_no_repetition_and_a_loop_has_a_lot():
     assert distinct_n(loop, 2) < 0.1 < distinct_n(fresh, 2)
 
 
-def test_refusal_phrases_either_spelling_and_configurable():
-    assert has_refusal("難しい問題で分かりません。")
-    assert has_refusal("それはわかりません")
-    assert not has_refusal("分かりやすく説明します。")
+@pytest.mark.parametrize("text", [
+    "難しい問題で分かりません。", "それはわかりません", "分りません。", "判りません", "解りません。", "私には分からない。",
+    "それはわからないです。", "ワカリマセン", "ﾜｶﾘﾏｾﾝ", "分かりません!", "正直、分からないので専門家に聞いてください。",
+    "その内容について私は経験や専門的知見が乏しく難しい問題で分かりません。",
+])
+def test_refusal_in_every_spelling(text):
+    assert has_refusal(text)
+
+
+@pytest.mark.parametrize("text", [
+    "分かりやすく説明します。", "わかりませんが、一般には早寝早起きが良いとされます。朝日を浴びましょう。",
+    "分からない単語は辞書で調べましょう。", "値段は変わりません。", "まだ終わりません。", "結果に関わりません。", "わからないことがあれば質問してください。", "分かりませんけど、まず休みましょう。",
+])
+def test_not_a_refusal_when_the_answer_goes_on_to_help(text):
+    assert not has_refusal(text)
+
+
+def test_refusal_phrases_are_configurable():
     assert has_refusal("I don't know", phrases=("don't know",))
+    assert has_refusal("ＩＤＫ", phrases=("IDK",))  # NFKC: full-width matches too
 
 
-def test_whitespace_does_not_count_and_empty_text_is_safe():
+def test_whitespace_does_not_count_and_an_empty_answer_is_degenerate_not_healthy():
     assert measure("a b").length == 3
-    assert measure("").repetition == 0.0 and measure("").distinct_2 == 1.0
+    empty = measure("")
+    assert empty.distinct_2 == 0.0 and empty.repetition == 1.0  # the far end of collapse, not the freshest text
+    assert measure("猫").distinct_2 == 0.0
+    assert summarize(["", "", "料理は火加減が大切です。"]).repetition > summarize(["料理は火加減が大切です。"]).repetition
+
+
+def test_rare_kanji_share_counts_kanji_outside_jis_level_1():
+    assert rare_kanji_share("料理は火加減が大切です。") == 0.0
+    assert rare_kanji_share("獱は珍しい") == pytest.approx(1 / 2)  # kanji 獱 (rare) and 珍 (level 1); kana do not count
+    assert rare_kanji_share("人々") == 0.0  # 々 is common
+    assert rare_kanji_share("ひらがなだけ") == 0.0
+    assert rare_kanji_share(["語彙", "学校"]) == pytest.approx(1 / 4)  # 彙 is level 2
+
+
+def test_content_words_and_staying_on_topic():
+    assert content_words("光合成とは何ですか?") == {"光合成"}  # 何 alone is too short to count
+    assert content_words("ペンギンは空を飛べないのですか?") == {"ペンギン"}
+    assert on_topic("光合成とは何ですか?", "光合成とは、植物が光で糖を作るはたらきです。")
+    assert not on_topic("光合成とは何ですか?", "お疲れ様です。今日は晴れです。")
+    assert not on_topic("朝ごはんはいる?", "朝ごはんはいります。")  # the question has no 2+ kanji / 3+ katakana run
+
+
+def test_bigram_f1_against_a_reference():
+    assert bigram_f1("ねこがすき", "ねこがすき") == 1.0
+    assert bigram_f1("ねこ", "いぬ") == 0.0
+    # ねこ こが がす すき vs ねこ こは はす すき: 2 of 4 shared each way
+    assert bigram_f1("ねこがすき", "ねこはすき") == pytest.approx(0.5)
+    assert bigram_f1("", "ねこ") == 0.0
 
 
 def test_summary_over_a_set():

@@ -57,19 +57,49 @@ def test_same_seed_same_sample_and_streaming_grows(trained):
 
 def test_implicit_reward_prefers_chosen_after_training(trained, wakarimasen_pairs):
     row = wakarimasen_pairs.rows[0]
-    r_chosen, r_rejected = implicit_rewards(trained.model, trained.tokenizer, row["prompt"],
-                                            [row["chosen"], row["rejected"]], beta=0.1,
-                                            system_prompt=SEED_SYSTEM_PROMPT)
+    r_chosen, r_rejected = implicit_rewards(trained.model, trained.tokenizer,
+                                            [(row["prompt"], row["chosen"]), (row["prompt"], row["rejected"])],
+                                            beta=0.1, system_prompt=SEED_SYSTEM_PROMPT)
     assert r_chosen - r_rejected > 0.05 and r_rejected < 0
     assert trained.metrics[-1]["rewards/margins"] > 0.05  # TRL's own view agrees
 
 
-def test_implicit_reward_is_zero_when_nothing_changed(tiny_model_dir):
-    from peft import get_peft_model
+def test_implicit_reward_is_trls_own_per_pair_reward_on_a_trained_adapter(trained, wakarimasen_pairs, tmp_path):
+    """Our reward of each side of a pair against TRL's `rewards/chosen` / `rewards/rejected` for that pair alone,
+    after training (with a zero LoRA any formula gives 0)."""
+    from dpo_space.generation import pair_report
 
-    model, tok = load_model(str(tiny_model_dir), load_in_4bit=False)
-    model = get_peft_model(model, RunSettings().lora_config())  # LoRA B starts at zero: policy == reference
-    assert implicit_rewards(model, tok, PROMPT, ["はい。"], 0.1, SEED_SYSTEM_PROMPT) == [pytest.approx(0.0, abs=1e-5)]
+    settings = RunSettings.for_model(str(tmp_path), output_dir=str(tmp_path), per_device_train_batch_size=1)
+    trainer = DPOTrainer(model=trained.model, processing_class=trained.tokenizer,
+                         args=settings.dpo_config(detect_hardware(), tmp_path),
+                         train_dataset=Dataset.from_list([{"prompt": "x", "chosen": "a", "rejected": "b"}]))
+    trained.model.delete_adapter("ref")  # TRL copies a given adapter as the reference; ours is the base, adapter off
+    trained.model.set_adapter("default")
+    rows = wakarimasen_pairs.rows[:3]
+    ours = pair_report(trained.model, trained.tokenizer, rows, 0.1, SEED_SYSTEM_PROMPT)
+    by_prompt = {r["prompt"]: r for r in ours}
+    training_rows = as_training_rows(wakarimasen_pairs, system_prompt=SEED_SYSTEM_PROMPT, chat_template=True)[:3]
+    for row, formatted in zip(rows, training_rows, strict=True):
+        theirs = trainer.evaluate(eval_dataset=Dataset.from_list([formatted]))
+        mine = by_prompt[row["prompt"]]
+        assert theirs["eval_rewards/margins"] > 0.05  # a trained adapter: rewards far from zero
+        assert mine["reward_chosen"] == pytest.approx(theirs["eval_rewards/chosen"], rel=1e-3, abs=1e-4)
+        assert mine["reward_rejected"] == pytest.approx(theirs["eval_rewards/rejected"], rel=1e-3, abs=1e-4)
+
+
+def test_sampling_never_touches_torchs_global_rng(trained):
+    """A run training beside the chat draws its batches and dropout from torch's RNG: chat must leave it alone, and an
+    answer must depend on its seed only."""
+    sampling = Sampling(max_new_tokens=16, seed=3, temperature=1.0, top_p=0.95)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    first = generate(trained.model, trained.tokenizer, PROMPT, sampling, use_adapter=True)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    torch.manual_seed(999)  # someone else moved the global RNG
+    assert generate(trained.model, trained.tokenizer, PROMPT, sampling, use_adapter=True) == first
+    other = [generate(trained.model, trained.tokenizer, PROMPT, Sampling(**{**sampling.__dict__, "seed": s}),
+                      use_adapter=True) for s in range(4)]
+    assert len(set(other + [first])) > 1  # and the seed does change the answer
 
 
 def test_evaluate_reports_both_sides(trained):
@@ -100,7 +130,9 @@ def test_answers_are_valid_utf8_even_from_an_untrained_byte_level_model(tiny_mod
                for i in range(6)]
     assert all("\ufffd" not in a for a in answers), answers
 
-    monkeypatch.setattr(generation, "_utf8_guard", lambda tokenizer: None)
+    from transformers import LogitsProcessorList
+
+    monkeypatch.setattr(generation, "_utf8_guard", lambda tokenizer: LogitsProcessorList())
     unguarded = [generate(model, tokenizer, f"{PROMPT}{i}", Sampling(**{**hot.__dict__, "seed": i}), use_adapter=False)
                  for i in range(6)]
     assert any("\ufffd" in a for a in unguarded)

@@ -5,6 +5,9 @@ import pytest
 import torch
 import yaml
 
+from pathlib import Path
+
+from dpo_space.data import SEED_SYSTEM_PROMPT
 from dpo_space.errors import DPOSpaceError, TrainingError
 from dpo_space.generation import Sampling, generate
 from dpo_space.models import load_model
@@ -31,9 +34,10 @@ def test_4bit_lora_dpo_learns(four_bit_run):
     m = result.metrics
     assert len(m) == 12 and seen == m  # 24 pairs / batch 4 × 2 epochs, one record a step, streamed as it came
     assert [r["step"] for r in m] == list(range(1, 13))
+    assert m[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # step 1: policy == reference
     assert m[-1]["loss"] < m[0]["loss"] - 0.02
-    assert m[-1]["rewards/margins"] > 0
-    assert m[-1]["rewards/accuracies"] > m[0]["rewards/accuracies"]
+    assert [r["rewards/margins"] for r in m[-3:]] > [0, 0, 0] and m[-1]["rewards/margins"] > m[1]["rewards/margins"]
+    assert sum(r["rewards/accuracies"] for r in m[-4:]) / 4 >= 0.75  # most pairs ranked right by the end
     assert "train_runtime" in result.summary and "loss" not in result.summary
     import bitsandbytes as bnb
 
@@ -53,9 +57,16 @@ def test_output_folder_holds_adapter_settings_metrics(four_bit_run):
     saved = yaml.safe_load((out / "run.yaml").read_text())
     assert saved["beta"] == 0.1 and saved["lora_r"] == 8 and saved["use_peft"] is True
     assert saved["datasets"] == [{"path": "json", "data_files": "train.json"}]
+    # what ran, in TRL's keys only: the model's real path, the precision, the device; ours under env
+    assert Path(saved["model_name_or_path"], "config.json").exists()
+    assert (saved["dtype"], saved["bf16"], saved["fp16"], saved["use_cpu"]) == ("float32", False, False, True)
+    assert saved["load_in_4bit"] is True and saved["bnb_4bit_quant_type"] == "nf4"
+    assert not {"precision", "system_prompt", "eval_fraction"} & set(saved)
+    assert saved["env"] == {"DPO_SPACE_SYSTEM_PROMPT": SEED_SYSTEM_PROMPT}
     values, files = read_run_config(out / "run.yaml")
     replay = RunSettings.from_dict(values)
     assert (replay.lora_r, replay.learning_rate, replay.output_dir, replay.load_in_4bit) == (8, 5e-3, str(out), True)
+    assert (replay.precision, replay.system_prompt) == ("fp32", SEED_SYSTEM_PROMPT)
     assert files["train"] == str(out / "train.json")
 
 
@@ -117,11 +128,16 @@ def test_bad_settings_are_named_before_loading():
         RunSettings(loss_type=["sigmoid", "sft"], loss_weights=[1.0]).check()
 
 
-def test_sft_term_mixes_into_the_loss(tiny_model_dir, wakarimasen_pairs, tmp_path):
-    s = settings_for(tiny_model_dir, tmp_path / "mix", load_in_4bit=False, loss_type=["sigmoid", "sft"],
-                     loss_weights=[1.0, 0.5], max_steps=2)
-    result = train(s, wakarimasen_pairs)
-    assert result.metrics[0]["loss"] > math.log(2)  # the DPO term alone starts at log 2; the SFT NLL adds to it
+def test_sft_term_mixes_into_the_loss_with_its_weight(tiny_model_dir, wakarimasen_pairs, tmp_path):
+    """At step 1 the policy is the reference, so the DPO term is exactly log 2 and the rest is w × the SFT NLL: the
+    extra part must scale with the weight given."""
+    def first_loss(weight):
+        s = settings_for(tiny_model_dir, tmp_path / f"mix{weight}", load_in_4bit=False, loss_type=["sigmoid", "sft"],
+                         loss_weights=[1.0, weight], max_steps=1)
+        return train(s, wakarimasen_pairs).metrics[0]["loss"]
+
+    half, full = (first_loss(w) - math.log(2) for w in (0.5, 1.0))
+    assert half > 0.5 and full == pytest.approx(2 * half, rel=1e-4)
 
 
 def test_completion_only_head_gives_the_same_log_probs(tiny_model_dir, monkeypatch):
@@ -194,3 +210,40 @@ def test_chosen_and_rejected_halves_run_at_their_own_length_with_the_same_log_pr
     seen.clear()
     model(input_ids=ids, attention_mask=mask.flip(1), labels=labels, fused_lm_head=True)
     assert seen == [(4, 14)]
+
+
+def test_lora_dropout_is_what_run_yaml_says_and_the_base_has_none(tiny_model_dir, wakarimasen_pairs, tmp_path):
+    """TRL's disable_dropout would zero LoRA's dropout with the base's; ours keeps lora_dropout on the adapter only."""
+    from transformers import TrainerCallback
+
+    seen = {}
+
+    class Dropouts(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            for name, module in model.named_modules():
+                if isinstance(module, torch.nn.Dropout):
+                    seen.setdefault("lora" if "lora_dropout" in name else "base", set()).add(module.p)
+            seen["attention"] = model.config.attention_dropout
+
+    s = settings_for(tiny_model_dir, tmp_path / "drop", load_in_4bit=False, lora_dropout=0.3, max_steps=2)
+    result = train(s, wakarimasen_pairs, callbacks=[Dropouts()])
+    assert seen["lora"] == {yaml.safe_load((result.output_dir / "run.yaml").read_text())["lora_dropout"]} == {0.3}
+    assert seen.get("base", {0.0}) == {0.0} and seen["attention"] == 0.0
+
+
+def test_trls_own_cli_replays_run_yaml(tiny_model_dir, wakarimasen_pairs, tmp_path):
+    """`trl dpo --config run.yaml`, from the run folder, on the CPU: every key is one TRL knows, the precision and
+    device are what ran, and the rows (with their lengths, for length grouping) are train.json."""
+    import subprocess
+    import sys
+
+    s = settings_for(tiny_model_dir, tmp_path / "run", train_sampling_strategy="group_by_length", max_steps=2,
+                     per_device_train_batch_size=8)
+    run = train(s, wakarimasen_pairs).output_dir
+    trl = Path(sys.executable).with_name("trl")
+    done = subprocess.run([str(trl), "dpo", "--config", "run.yaml", "--output_dir", str(tmp_path / "replay")],
+                          cwd=run, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "replay" / "adapter_model.safetensors").exists()
+    losses = [float(x) for x in __import__("re").findall(r"'loss': '([0-9.]+)'", done.stdout + done.stderr)]
+    assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), abs=1e-3)

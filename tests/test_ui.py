@@ -10,6 +10,7 @@ import pytest
 gradio_client = pytest.importorskip("gradio_client")
 
 from dpo_space import models  # noqa: E402
+from dpo_space.errors import DPOSpaceError  # noqa: E402
 from dpo_space.workbench import Workbench  # noqa: E402
 
 
@@ -37,15 +38,21 @@ def client(server):
 
 
 def new_visitor(client) -> str:
-    visitor = client.predict(None, api_name="/visitor")
+    visitor, _ = client.predict(None, api_name="/visitor")
     assert len(visitor) == 32
     return visitor
 
 
-TRAIN_ARGS = dict(model=models.EMBEDDED, beta=0.1, lora_r=8, epochs=1, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"],
-                  lr=5e-4, batch=8, accum=1, max_length=256, loss="sigmoid (DPO)", sft_weight=1.0, seed=0,
-                  four_bit=True, max_pairs=32, probe="人はどんなことをしてもらうと嬉しいですか?",
-                  system_prompt="あなたは日本語チャットbotです。ユーザの質問答えてください。")
+# The Train tab's widgets, keyed by RunSettings field, in the UI's own order (ui.SETTINGS)
+SETTING_VALUES = dict(beta=0.1, lora_r=8, num_train_epochs=1, lora_alpha=8, lora_dropout=0.0,
+                      lora_target_modules=["q_proj", "v_proj"], learning_rate=5e-4, per_device_train_batch_size=8,
+                      gradient_accumulation_steps=1, max_length=256, warmup_steps=0, loss_type="sigmoid (DPO)",
+                      loss_weights=1.0, seed=0, load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                      use_bnb_nested_quant=True, gradient_checkpointing=False, precision="auto",
+                      system_prompt="あなたは日本語チャットbotです。ユーザの質問答えてください。")
+assert list(SETTING_VALUES) == list(__import__("dpo_space.ui").ui.SETTINGS)
+TRAIN_ARGS = dict(model=models.EMBEDDED, max_pairs=32, probe="人はどんなことをしてもらうと嬉しいですか?",
+                  **SETTING_VALUES)
 
 
 def text_of(message) -> str:
@@ -92,12 +99,13 @@ def test_data_example_upload_edit_download(client, tmp_path):
 def test_train_compare_evaluate_inspect(client, server):
     visitor = new_visitor(client)
     client.predict(next(iter(__import__("dpo_space.ui").ui.EXAMPLE_FILES)), api_name="/load_example")
-    assert "queued" in client.predict(*train_args(visitor), api_name="/train")
+    assert "queued" in client.predict(*train_args(visitor), api_name="/train")[0]
     with pytest.raises(Exception, match="already have a run"):
         client.predict(*train_args(visitor), api_name="/train")
     result = wait_for(client, visitor)
     assert "done" in result[0], result[0]
-    loss = result[1]["data"]
+    loss = result[1]["value"]["data"]  # the loss chart comes with its caption, which names the loss
+    assert "log 2" in result[1]["caption"]
     assert len(loss) == 4 and loss[0][1] == pytest.approx(0.6931, abs=1e-3)  # 32 pairs / batch 8
     assert result[5]["data"], "the sample timeline has entries"
     assert result[6].endswith("-adapter.zip") and result[7].endswith("run.yaml")
@@ -119,7 +127,7 @@ def test_train_compare_evaluate_inspect(client, server):
                                                      api_name="/evaluate")
     assert len(table["data"]) == 2 and "refusal" in summary and csv_path.endswith(".csv")
 
-    table, summary, _ = client.predict(visitor, "", api_name="/inspect")
+    table, summary, _ = client.predict(visitor, api_name="/inspect")
     assert "ranks" in summary and len(table["data"]) == 650
 
     assert "Give a write token" in client.predict(visitor, "", "", api_name="/push")
@@ -166,7 +174,7 @@ def test_one_visitor_trains_while_another_chats_and_uploads_and_neither_sees_the
 def test_engine_errors_reach_the_page_as_their_message(client):
     visitor = new_visitor(client)
     client.predict(next(iter(__import__("dpo_space.ui").ui.EXAMPLE_FILES)), api_name="/load_example")
-    for args, api in (([visitor, "", 0.6, 0.9, 32, 0, ""], "/evaluate"), ([visitor, ""], "/inspect")):
+    for args, api in (([visitor, "", 0.6, 0.9, 32, 0, ""], "/evaluate"), ([visitor], "/inspect")):
         with pytest.raises(Exception, match="no DPO model yet: train one in the Train tab first"):
             client.predict(*args, api_name=api)
     with pytest.raises(Exception, match="unknown visitor: reload the page"):
@@ -231,7 +239,7 @@ def test_the_hub_token_is_used_for_the_push_only(tmp_path, monkeypatch, caplog):
     run.mkdir(parents=True)
     (run / "adapter_config.json").write_text("{}")
     settings = training.RunSettings.for_model(models.EMBEDDED, output_dir=str(run))
-    (run / "run.yaml").write_text(settings.to_yaml())
+    (run / "run.yaml").write_text(settings.to_yaml(models.detect_hardware()))
     job = Job("run", visitor, settings, data.validate_rows([{"prompt": "q", "chosen": "a", "rejected": "b"}], source="x"),
               status="done")
     bench._jobs[visitor] = job
@@ -258,55 +266,164 @@ def test_runs_from_the_space_never_trust_remote_code(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "submit", lambda visitor, settings, pairs, **kw: submitted.append(settings) or
                         type("J", (), {"id": "x"})())
     rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(4)]
-    ui.start_run(bench, ui.Limits(shared=True), new_visitor_id(), rows, *list(TRAIN_ARGS.values())[:-3], 4, "probe",
-                 "")
+    ui.start_run(bench, ui.Limits.for_space(True), new_visitor_id(), rows, *TRAIN_ARGS.values())
     assert submitted and submitted[0].trust_remote_code is False
     assert bench.trust_remote_code is False
-    import gradio as gr
 
     args = dict(TRAIN_ARGS, model="someone/model-with-its-own-code")  # only the listed models are accepted
-    with pytest.raises(gr.Error, match="Unknown model 'someone/model-with-its-own-code'"):
-        ui.start_run(bench, ui.Limits(shared=True), new_visitor_id(), rows, *args.values())
+    with pytest.raises(DPOSpaceError, match="Unknown model 'someone/model-with-its-own-code'"):
+        ui.start_run(bench, ui.Limits.for_space(True), new_visitor_id(), rows, *args.values())
     assert all(not p.settings.get("trust_remote_code") for p in models.PRESETS.values())
 
 
-def test_every_visitor_size_is_capped_by_name_on_the_shared_space(tmp_path, monkeypatch):
-    import gradio as gr
+def submitted_runs(tmp_path, monkeypatch):
+    bench = Workbench(models.EMBEDDED, root=tmp_path / "space")
+    runs = []
+    monkeypatch.setattr(bench, "submit", lambda visitor, settings, pairs, **kw: runs.append((settings, pairs)) or
+                        type("J", (), {"id": "x"})())
+    return bench, runs
 
+
+def test_every_visitor_size_is_capped_by_name_on_the_shared_space_and_a_cap_never_raises(tmp_path, monkeypatch):
     from dpo_space import ui
     from dpo_space.workbench import new_visitor_id
 
-    limits = ui.Limits(shared=True)
-    bench = Workbench(models.EMBEDDED, root=tmp_path / "space")
-    monkeypatch.setattr(bench, "submit", lambda *a, **kw: type("J", (), {"id": "x"})())
+    limits = ui.Limits.for_space(True)
+    bench, runs = submitted_runs(tmp_path, monkeypatch)
     rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(800)]
-    args = dict(TRAIN_ARGS, max_pairs=800, epochs=3, batch=1)
 
-    def start(**over):
-        values = {**args, **over}
-        return ui.start_run(bench, limits, new_visitor_id(), rows, *values.values())
+    def start(n_rows=800, **over):
+        values = {**TRAIN_ARGS, "max_pairs": 800, **over}
+        status, _ = ui.start_run(bench, limits, new_visitor_id(), rows[:n_rows], *values.values())
+        return status, runs[-1][0], len(runs[-1][1])
 
-    status = start()
-    assert "the first 700 pairs" in status and "at most 400 steps" in status
-    with pytest.raises(gr.Error, match="at most 3 epochs|At most 3 epochs"):
-        start(epochs=4)
-    with pytest.raises(gr.Error, match="max_length: at most 1024"):
+    status, settings, n = start(per_device_train_batch_size=1, num_train_epochs=3)
+    assert "the first 700 pairs" in status and n == 700
+    assert "400 steps, not 2100" in status and settings.max_steps == 400
+    status, settings, n = start(n_rows=32, num_train_epochs=1)  # a small run is not stretched to the cap
+    assert "4 steps" in status and settings.max_steps == -1 and n == 32 and "cap" not in status
+    status, settings, _ = start(num_train_epochs=6)
+    assert "4 epochs, not 6" in status and settings.num_train_epochs == 4
+    with pytest.raises(DPOSpaceError, match="max_length: at most 1024"):
         start(max_length=4096)
-    with pytest.raises(gr.Error, match="max_new_tokens: at most 256"):
+    with pytest.raises(DPOSpaceError, match="max_new_tokens: at most 256"):
         ui.sampling_from(0.6, 0.9, 2048, 0, "", limits)
-    assert ui.sampling_from(0.6, 0.9, 1000, 0, "", ui.Limits(shared=False)).max_new_tokens == 1000
+    assert ui.sampling_from(0.6, 0.9, 1000, 0, "", ui.Limits.for_space(False)).max_new_tokens == 1000
+
+
+def test_every_offered_recipe_starts_on_the_shared_space_as_the_recipe_says(tmp_path, monkeypatch):
+    from dpo_space import training, ui
+    from dpo_space.workbench import new_visitor_id
+
+    bench, runs = submitted_runs(tmp_path, monkeypatch)
+    rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(650)]
+    for recipe in ui.RECIPE_LABELS:
+        values = [v["value"] if isinstance(v, dict) else v for v in ui.recipe_values(models.EMBEDDED, recipe)]
+        status, _ = ui.start_run(bench, ui.Limits.for_space(True), new_visitor_id(), rows, models.EMBEDDED, 650,
+                                 "", *values)
+        expected = training.RunSettings.for_model(models.EMBEDDED, **training.RECIPES[recipe])
+        ran = runs[-1][0]
+        for name in ui.SETTINGS:
+            assert getattr(ran, name) == getattr(expected, name), (recipe, name)
+        assert "cap" not in status, (recipe, status)
+
+
+def test_each_setting_shown_in_the_ui_reaches_trl():
+    """Change one widget: what TRL, PEFT or bitsandbytes gets changes (or, for the system prompt, the rows)."""
+    from dataclasses import asdict
+
+    from dpo_space import data, training, ui
+
+    other = dict(beta=0.3, lora_r=4, num_train_epochs=3, lora_alpha=4, lora_dropout=0.05,
+                 lora_target_modules=["q_proj", "k_proj"], learning_rate=1e-4, per_device_train_batch_size=2,
+                 gradient_accumulation_steps=3, max_length=512, warmup_steps=0.2, loss_type="ipo", loss_weights=0.5,
+                 seed=7, load_in_4bit=False, bnb_4bit_quant_type="fp4", use_bnb_nested_quant=False,
+                 gradient_checkpointing=True, precision="bf16", system_prompt="別の指示")
+    assert set(other) == set(ui.SETTINGS)
+    hardware = models.Hardware("cpu", "CPU", "fp32")
+    base_values = dict(SETTING_VALUES, loss_type="sigmoid + sft")  # so that the SFT weight is in play
+
+    def seen(values):
+        settings = training.RunSettings.for_model(models.EMBEDDED, **ui.settings_values(list(values.values())))
+        run_hw = models.with_precision(hardware, settings.precision)
+        configs = settings.trl_configs(run_hw)
+        pairs = data.validate_rows([{"prompt": "q", "chosen": "a", "rejected": "b"}], source="x")
+        rows = data.as_training_rows(pairs, system_prompt=settings.system_prompt, chat_template=True)
+        return {name: (c.to_dict() if hasattr(c, "to_dict") else asdict(c) if c is not None else None)
+                for name, c in configs.items()}, rows
+
+    before = seen(base_values)
+    for name in ui.SETTINGS:
+        changed = {**base_values, name: other[name]}
+        if name == "bnb_4bit_quant_type" or name == "use_bnb_nested_quant":
+            changed["load_in_4bit"] = True
+        after = seen(changed)
+        trl_seen = {k: v for k, v in after[0].items() if k != "model"}  # ModelConfig only feeds the other three
+        assert trl_seen != {k: v for k, v in before[0].items() if k != "model"} or after[1] != before[1], name
 
 
 def test_memory_estimate_shown_and_a_warning_before_a_run_that_would_not_fit(monkeypatch):
     from dpo_space import ui
+    from dpo_space.training import RunSettings
 
-    text, warning = ui.memory_check(models.detect_hardware(), "elyza-8b", 1, 4, 1024, True, 12, ["q_proj", "v_proj"])
-    assert "Estimated peak GPU memory" in text and "T4 16 GB ✅" in text and warning is None
+    text, warning = ui.memory_check(models.detect_hardware(), "elyza-8b", RunSettings.for_model("elyza-8b"))
+    assert "Estimated peak GPU memory" in text and "T4 16 GB fits" in text and warning is None
     gpu = models.Hardware("cuda", "Tesla T4", "fp16")
     monkeypatch.setattr(ui, "gpu_memory_gib", lambda hardware: 14.7)
-    text, warning = ui.memory_check(gpu, "elyza-8b", 8, 1, 1024, True, 12, ["q_proj", "v_proj"])
+    big = RunSettings.for_model("elyza-8b", per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                                gradient_checkpointing=False)
+    text, warning = ui.memory_check(gpu, "elyza-8b", big)
     assert "14.7 GiB" in warning
     batch, accum = map(int, re.search(r"per_device_train_batch_size (\d+) × gradient_accumulation_steps (\d+)",
                                       warning).groups())
     assert batch * accum == 8 and batch < 8
-    assert "⚠️" in text
+    assert "**Warning:**" in text
+
+
+def test_compare_scores_each_answer_in_its_own_conversation_from_the_second_turn_on():
+    """The two columns diverge after the first answer: the DPO answer's reward is scored after the DPO column's own
+    history, never the base column's."""
+    from dpo_space import ui
+    from dpo_space.workbench import new_visitor_id
+
+    class Bench:
+        scored = None
+
+        def adapter_name(self, visitor):
+            return "v"
+
+        def answer(self, visitor, conversation, sampling, *, dpo):
+            yield "DPOの答え" if dpo else "ベースの答え"
+
+        def rewards(self, visitor, scored, system_prompt):
+            Bench.scored = scored
+            return [0.1, 0.2]
+
+    visitor = new_visitor_id()
+    base = [{"role": "user", "content": "一問目"}, {"role": "assistant", "content": "ベースの一答目"}]
+    dpo = [{"role": "user", "content": "一問目"}, {"role": "assistant", "content": "分かりません。"}]
+    *_, last = ui.compare(Bench(), ui.Limits(), visitor, "二問目", base, dpo, 0.6, 0.9, 32, 0, "")
+    (base_conv, base_answer), (dpo_conv, dpo_answer) = Bench.scored
+    assert base_conv[1]["content"] == "ベースの一答目" and base_answer == "ベースの答え"
+    assert dpo_conv[1]["content"] == "分かりません。" and dpo_answer == "DPOの答え"
+    assert dpo_conv[-1] == {"role": "user", "content": "二問目"}
+    assert "+0.20" in last[4] and "+0.10" in last[3]
+
+
+def test_the_inspector_formats_pairs_as_the_run_trained_them(tmp_path, monkeypatch):
+    """Its system prompt and β are the run's, not the Compare tab's."""
+    from dpo_space import data, workbench
+    from dpo_space.training import RunSettings
+    from dpo_space.workbench import Job, new_visitor_id
+
+    bench = Workbench(models.EMBEDDED, root=tmp_path / "space")
+    visitor = new_visitor_id()
+    settings = RunSettings.for_model(models.EMBEDDED, system_prompt="走ったときの指示", beta=0.3)
+    bench._jobs[visitor] = Job("run", visitor, settings, data.PreferenceData([]), status="done")
+    monkeypatch.setattr(bench, "adapter_name", lambda v: "v" + v)
+    calls = []
+    monkeypatch.setattr(workbench, "pair_report", lambda model, tok, rows, beta, system_prompt, **kw:
+                        calls.append((beta, system_prompt)) or [])
+    monkeypatch.setattr(Workbench, "model", property(lambda self: None))
+    bench.pair_report(visitor, [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    assert calls == [(0.3, "走ったときの指示")]

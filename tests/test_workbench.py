@@ -79,3 +79,45 @@ def test_an_unreadable_old_run_is_skipped_once_not_on_every_status_tick(tiny_mod
     bench = Workbench(str(tiny_model_dir), root=tmp_path)
     assert bench.job(visitor) is None and bench.job(visitor) is None and bench.adapter_name(visitor) is None
     assert sum("could not restore" in r.message for r in caplog.records) == 1
+
+
+def test_an_app_run_with_a_probe_and_chat_beside_it_is_what_its_run_yaml_replays(tiny_model_dir, wakarimasen_pairs,
+                                                                                   tmp_path):
+    """The seed alone decides a run: neither the probe's samples nor a visitor chatting meanwhile (both sample
+    tokens) move its batch order or its dropout, so the CLI replay of run.yaml writes the same metrics.csv."""
+    import csv
+    import threading
+
+    from dpo_space.generation import Sampling
+
+    bench = Workbench(str(tiny_model_dir), root=tmp_path)
+    settings = RunSettings.for_model(str(tiny_model_dir), **{**FAST, "load_in_4bit": True, "num_train_epochs": 2,
+                                                              "lora_dropout": 0.2,
+                                                              "train_sampling_strategy": "group_by_length"})
+    chatting = threading.Event()
+
+    def chat():
+        visitor = new_visitor_id()
+        while not chatting.is_set():
+            for _ in bench.answer(visitor, "旅行の準備は?", Sampling(max_new_tokens=8, temperature=1.0), dpo=False):
+                pass
+
+    chatter = threading.Thread(target=chat, daemon=True)
+    chatter.start()
+    job = wait(bench.submit(new_visitor_id(), settings, wakarimasen_pairs, probe="料理のコツは?", sample_every=1))
+    chatting.set()
+    chatter.join()
+    assert job.status == "done", job.message
+    assert len(job.samples()) >= 4  # the probe really sampled during the run
+
+    replay = tmp_path / "replay"
+    proc = subprocess.run([sys.executable, "-m", "dpo_space", "train", "--config", str(job.output_dir / "run.yaml"),
+                           "--output", str(replay)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def metrics(folder):
+        with open(folder / "metrics.csv", encoding="utf-8") as f:
+            return [{k: v for k, v in row.items() if k != "elapsed"} for row in csv.DictReader(f)]
+
+    ran, replayed = metrics(job.output_dir), metrics(replay)
+    assert len(ran) == 12 and ran == replayed

@@ -1,0 +1,153 @@
+"""The Space's rules, without Gradio: when it is the shared public Space, the caps there, fitting a run into them,
+which models it serves, what a finished run offers for download, and the push to the Hub.
+
+On the shared Space visitors share one machine, so each run and answer is capped (each cap named when it applies);
+on a duplicate or a local run the caps are lifted. A cap only ever lowers what a visitor asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from . import models
+from .errors import DPOSpaceError
+from .training import RunSettings
+
+SHARED_SPACE_ID = os.environ.get("DPO_SPACE_SHARED_ID", "dpo-space/dpo-space")
+# What a finished run offers for download, and pushes: the adapter, its settings and what it trained on.
+RUN_FILES = ("adapter_model.safetensors", "adapter_config.json", "run.yaml", "metrics.csv", "train.json", "README.md")
+PUSHED_FILES = ("adapter_model.safetensors", "adapter_config.json", "run.yaml", "README.md")
+
+
+def is_shared_space() -> bool:
+    return os.environ.get("SPACE_ID") == SHARED_SPACE_ID
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps on a visitor's work. `Limits.for_space(shared=True)` on the shared public Space; else no real caps."""
+
+    shared: bool = False
+    max_pairs: int = 100_000
+    max_epochs: float = 50
+    max_steps: int = 100_000
+    max_new_tokens: int = 1024
+    max_length: int = 32_768  # tokens per training sequence
+    eval_prompts: int = 1000
+    inspect_pairs: int = 2000
+
+    @classmethod
+    def for_space(cls, shared: bool | None = None) -> Limits:
+        shared = is_shared_space() if shared is None else shared
+        if not shared:
+            return cls()
+        # every recipe fits (the over-train one runs 4 epochs); 650 pairs × 4 epochs at batch 8 is 328 steps
+        return cls(shared=True, max_pairs=700, max_epochs=4, max_steps=400, max_new_tokens=256, max_length=1024,
+                   eval_prompts=40, inspect_pairs=100)
+
+
+@dataclass(frozen=True)
+class FittedRun:
+    settings: RunSettings
+    pairs: int  # how many of the visitor's pairs the run trains on
+    steps: int
+    notes: tuple[str, ...]  # each cap that applied, named
+
+
+def fit_run(settings: RunSettings, pairs: int, limits: Limits, requested_pairs: int | None = None) -> FittedRun:
+    """The run as the caps allow it. Pairs, epochs and steps are lowered to their caps with a note; a longer
+    max_length than the cap is refused (it would silently cut the visitor's text). Never raises what was asked."""
+    notes = []
+    wanted = min(pairs, requested_pairs) if requested_pairs else pairs
+    n = min(wanted, limits.max_pairs)
+    if n < wanted:
+        notes.append(f"the first {n} pairs (max_pairs: the shared Space's cap)")
+    if n < 1:
+        raise DPOSpaceError("No data: pick an example or upload a file in the Data tab.")
+    if settings.max_length is not None and settings.max_length > limits.max_length:
+        raise DPOSpaceError(f"max_length: at most {limits.max_length} tokens per sequence here (duplicate the Space "
+                            "to lift the cap).")
+    if settings.num_train_epochs > limits.max_epochs:
+        notes.append(f"{limits.max_epochs:g} epochs, not {settings.num_train_epochs:g} (max_epochs: the shared "
+                     "Space's cap)")
+        settings = replace(settings, num_train_epochs=float(limits.max_epochs))
+    steps = settings.steps(n)
+    if steps > limits.max_steps:
+        notes.append(f"{limits.max_steps} steps, not {steps} (max_steps: the shared Space's cap)")
+        settings = replace(settings, max_steps=limits.max_steps)
+        steps = limits.max_steps
+    return FittedRun(settings, n, steps, tuple(notes))
+
+
+def check_model(model: str, hardware: models.Hardware, served: str) -> models.Preset:
+    """The preset a visitor picked, if this app can train it: listed, on hardware it needs, the one it serves."""
+    preset = models.PRESETS.get(model)
+    if preset is None:  # the Space accepts only its listed models
+        raise DPOSpaceError(f"Unknown model {model!r}: pick one of the listed presets.")
+    if preset.needs_gpu and hardware.device == "cpu":
+        raise DPOSpaceError(f"{preset.label} needs a GPU; this machine has none. Duplicate the Space onto GPU "
+                            "hardware.")
+    if models.preset_for(served) is not preset:
+        raise DPOSpaceError(f"This app serves {served}; start it with DPO_SPACE_MODEL={model} to train that one.")
+    return preset
+
+
+def space_settings(model: str, values: dict) -> RunSettings:
+    """A visitor's settings for a run here: never the model repository's own code."""
+    return RunSettings.for_model(model, **{**values, "trust_remote_code": False})
+
+
+def run_downloads(output_dir: str | Path) -> tuple[str, str, str]:
+    """(adapter zip, run.yaml, the commands that replay the run) for a finished run folder."""
+    out = Path(output_dir)
+    archive = out.with_name(f"{out.name}-adapter.zip")
+    if not archive.exists():
+        keep = Path(tempfile.mkdtemp(prefix="dpo-space-zip-")) / "adapter"
+        keep.mkdir()
+        for name in RUN_FILES:
+            if (out / name).exists():
+                shutil.copy2(out / name, keep / name)
+        shutil.make_archive(str(archive.with_suffix("")), "zip", keep)
+        shutil.rmtree(keep.parent, ignore_errors=True)
+    command = ("# unzip the adapter, then, on your own machine:\npip install -r requirements.txt\n"
+               "python -m dpo_space train --config adapter/run.yaml --output outputs/replay\n"
+               "# or with TRL's own script, from the adapter folder (on a GPU: add --use_cpu false and the\n"
+               "# precision you want, --bf16 true or --fp16 true; run.yaml records what ran here):\n"
+               "cd adapter && trl dpo --config run.yaml --output_dir replay")
+    return str(archive), str(out / "run.yaml"), command
+
+
+def push_adapter(output_dir: str | Path, token: str, repo_id: str, api_factory=None) -> str:
+    """Upload a run's adapter with the visitor's token, private. The token is used for this call only: never logged,
+    echoed or saved; an error message has it scrubbed."""
+    if not token or not repo_id or "/" not in repo_id:
+        return "Give a write token and a repository name like user/name."
+    if api_factory is None:
+        from huggingface_hub import HfApi as api_factory
+    try:
+        api = api_factory(token=token)
+        api.create_repo(repo_id, exist_ok=True, private=True)
+        api.upload_folder(folder_path=str(output_dir), repo_id=repo_id, allow_patterns=list(PUSHED_FILES))
+    except Exception as e:  # network, auth, name: say which without echoing the token
+        return f"Push failed: {type(e).__name__}: {str(e).replace(token, '***')[:300]}"
+    return f"Pushed to https://huggingface.co/{repo_id} (private)."
+
+
+def describe_run(settings: RunSettings, hardware: models.Hardware, output_dir: str | Path | None = None) -> str:
+    """Device, precision and weights of a run, as it ran (from its run.yaml once finished) or as it will run."""
+    import yaml
+
+    run_yaml = Path(output_dir) / "run.yaml" if output_dir else None
+    if run_yaml is not None and run_yaml.exists():
+        ran = yaml.safe_load(run_yaml.read_text(encoding="utf-8")) or {}
+        device = "CPU" if ran.get("use_cpu") else hardware.name
+        precision = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(ran.get("dtype"), settings.precision)
+    else:
+        device, precision = hardware.name, models.with_precision(hardware, settings.precision).precision
+    weights = (f"4-bit {settings.bnb_4bit_quant_type}" + (" (double quant)" if settings.use_bnb_nested_quant else "")
+               if settings.load_in_4bit else "full-precision weights")
+    return f"{device} · {precision} · {weights} + LoRA r{settings.lora_r}"
