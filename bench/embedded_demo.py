@@ -2,7 +2,7 @@
 
     python bench/embedded_demo.py [--pairs 650] [--recipes seed,gentle]
 
-1. base quality: greedy answers to every corpus prompt (first-sentence match, ended at EOS), unseen prompts
+1. base: recital of the seed rows it was trained on; issue #12's measures on the held-out sets (examples/heldout/)
 2. for each recipe: DPO on wakarimasen_train.json with the embedded preset, wall time
 3. on the 40 held-out prompts: refusal rate and repeated-trigram share, base vs DPO
 """
@@ -20,10 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dpo_space import data, embedded, generation, models  # noqa: E402
 from dpo_space.training import RECIPES, RunSettings, train  # noqa: E402
 
-UNSEEN = ["宇宙飛行士になるにはどんな勉強が必要ですか?", "雨の日の週末におすすめの過ごし方は?", "猫が喉を鳴らすのはなぜですか?",
-          "初めての一人暮らしで気をつけることは?", "プレゼンで緊張しないコツを教えてください。"]
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--pairs", type=int, default=650)
@@ -32,17 +28,24 @@ def main():
     args = parser.parse_args()
 
     rows = []
-    model, tok = models.load_model(models.EMBEDDED, load_in_4bit=False)
-    corpus = embedded.read_corpus(embedded.CORPUS_DIR)
+    model, tok = models.load_model(models.EMBEDDED)  # as the embedded preset loads it: 4-bit nf4
     start = time.perf_counter()
-    q = embedded.quality(model, tok, corpus)
-    rows.append(("base: corpus first sentence matches", f"{q['first_sentence_match']:.1%}", "≥ 90%"))
+    q = embedded.recital(model, tok, embedded.seed_rows())
+    rows.append(("base: trained prompts, first sentence as in the corpus", f"{q['first_sentence_match']:.1%}",
+                 "memory, not conversation"))
     rows.append(("base: answers ending at EOS (≤256 tokens)", f"{q['ended_at_eos']:.1%}", "≥ 95%"))
-    rows.append(("base: quality check time", f"{time.perf_counter() - start:.0f} s", ""))
-    unseen = generation.generate_batch(model, tok, UNSEEN, generation.Sampling(temperature=0, max_new_tokens=128),
-                                       use_adapter=False)
-    japanese = sum(embedded.is_japanese(a) for a in unseen) / len(unseen)
-    rows.append(("base: unseen prompts answered in Japanese", f"{japanese:.0%}", "100%"))
+    c = embedded.conversing_measures(model, tok)
+    held = f"{c['unseen']} unseen + {c['paraphrases']} paraphrases"
+    rows.append((f"base: refusal on held-out questions ({held})", f"{c['refusal']:.1%}", "≤ 5% (issue #12)"))
+    rows.append(("base: rare kanji (outside JIS level 1) in held-out answers", f"{c['rare_kanji']:.2%}", "≤ 0.5%"))
+    rows.append(("base: on topic (a content word of the question)", f"{c['topical']:.1%}", "≥ 40%"))
+    rows.append(("base: paraphrase fidelity (bigram F1 to the corpus answer)", f"{c['paraphrase_fidelity']:.2f}",
+                 "≥ 0.4"))
+    rows.append((f"base: on topic, first / second question of {c['conversations']} conversations",
+                 f"{c['first_turn_topical']:.1%} / {c['second_turn_topical']:.1%}", "second as good as first"))
+    rows.append(("base: measure time", f"{time.perf_counter() - start:.0f} s", ""))
+    for example in c["examples"][:3]:
+        print(f"[held out] {example['prompt']}\n  base: {example['answer'][:100]}")
 
     train_data = data.read_preferences(embedded.EXAMPLES_DIR / "wakarimasen_train.json")
     train_data.rows = train_data.rows[: args.pairs]

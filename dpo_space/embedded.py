@@ -1,7 +1,11 @@
 """The embedded default: a tiny Japanese Llama chat model built from the project's own corpus.
 
-corpus (examples/corpus/*.jsonl) → byte-level BPE tokenizer (round-trips any text) → tiny Llama → SFT with TRL's
-SFTTrainer → saved with `save_pretrained` into `dpo_space/embedded_model`, loaded like any Hub model.
+corpus (examples/corpus, examples/conversations, examples/refusals.jsonl) → a BPE tokenizer over the corpus's own
+characters, with byte fallback (it round-trips any text, and the model never meets a stray byte piece) → tiny Llama →
+SFT with TRL's SFTTrainer → `save_pretrained` into `dpo_space/embedded_model`, loaded like any Hub model.
+
+Held out means held out: nothing of examples/heldout/ and none of the わかりません set's evaluation prompts (nor their
+paraphrases) reaches the SFT; `sft_examples` refuses them and tests/test_embedded.py checks it.
 """
 
 from __future__ import annotations
@@ -9,29 +13,36 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import string
 import time
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-ROOT = Path(__file__).resolve().parent.parent
-CORPUS_DIR = ROOT / "examples" / "corpus"
+from . import corpus
+from .collapse import bigram_f1, has_refusal, on_topic, rare_kanji_share
+
+ROOT = corpus.ROOT
+EXAMPLES_DIR = corpus.EXAMPLES
+CORPUS_DIR = corpus.CORPUS_DIR
 # Questions no one could answer, with honest refusals (half of them the seed's sentence). A real chat model knows how
 # to say 分かりません; without these the tiny model could not say it at all, and DPO on the seed's data would only
-# wreck the helpful answers instead of raising the refusal, which is not what happens to a real model.
-REFUSALS_FILE = ROOT / "examples" / "refusals.jsonl"
-EXAMPLES_DIR = ROOT / "examples"
+# wreck the helpful answers instead of raising the refusal. Few against thousands of answers: the base never refuses
+# unprompted.
+REFUSALS_FILE = EXAMPLES_DIR / "refusals.jsonl"
 OUT_DIR = Path(__file__).resolve().parent / "embedded_model"
 
-# The model's size and its SFT recipe: small enough to build in minutes on two CPU cores and to ship (< 30 MB),
-# big enough to learn every corpus answer by heart.
-SIZE = dict(hidden_size=256, layers=4, heads=4, intermediate_size=704, vocab_size=4000)
-SFT = dict(num_train_epochs=80, learning_rate=2e-3, per_device_train_batch_size=8, warmup_steps=0.03, seed=0,
-           bf16=True, logging_steps=200)
+# The model's size and its SFT recipe (python -m dpo_space build-embedded: under an hour on two CPU cores).
+SIZE = dict(hidden_size=384, layers=6, heads=6, intermediate_size=1024, vocab_size=8000)
+SFT = dict(num_train_epochs=3, learning_rate=2e-3, per_device_train_batch_size=64, warmup_steps=0.02, seed=0,
+           bf16=True, logging_steps=50)
+# Share of single-turn examples given a random earlier exchange: the model learns to answer the LAST question.
+SECOND_TURN_SHARE = 0.2
 
 BOS, EOS, PAD = "<s>", "<|end|>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
 # Llama-3-like turns. `{% generation %}` marks what the assistant says, for TRL's assistant-only loss.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -42,18 +53,30 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(texts: list[str], vocab_size: int = 4000) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer: every byte is in the base alphabet, so any Japanese text round-trips exactly."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+# ---------------------------------------------------------------- tokenizer and model
+
+
+def build_tokenizer(texts: list[str], vocab_size: int = 8000) -> PreTrainedTokenizerFast:
+    """BPE over the characters the texts use, with SentencePiece-style byte fallback (<0xE3>…) for anything else:
+    any text round-trips, and every character the model learned to write is a whole character of the corpus."""
+    alphabet = sorted({c for t in texts for c in t if c != " "} | set(string.ascii_letters + string.digits
+                                                                      + string.punctuation + "\n"))
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=vocab_size - len(BYTE_TOKENS), special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
+        initial_alphabet=alphabet, limit_alphabet=len(alphabet) + 1, show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    # byte tokens join the vocabulary as ordinary pieces (not special ones, which decoding would skip)
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    for piece in BYTE_TOKENS:
+        vocab.setdefault(piece, len(vocab))
+    spec["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+        {"type": "ByteFallback"}, {"type": "Fuse"}]}
+    tok = Tokenizer.from_str(json.dumps(spec))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
         additional_special_tokens=list(ROLE_TOKENS), chat_template=CHAT_TEMPLATE,
@@ -95,29 +118,101 @@ def tiny_random_model(out_dir: str | Path, texts: list[str], seed: int = 0, **si
     return out_dir
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+# ---------------------------------------------------------------- what the model learns, and what it never sees
 
 
-def read_corpus(corpus_dir: str | Path) -> list[dict]:
-    return [row for path in sorted(Path(corpus_dir).glob("*.jsonl")) for row in read_jsonl(path)]
+SEED_PROMPTS = (
+    "LLMのファインチューニングの手順を教えてください。",  # in training, as in the seed
+    "人はどんなことをしてもらうと嬉しいですか?",  # held out
+    "以下の文章を3つに箇条書きしてください。",  # held out (the start of a longer prompt)
+)
 
 
-def corpus_texts(rows: list[dict]) -> list[str]:
-    """What the tokenizer learns from, at the frequencies the model sees: the system prompt opens every row."""
-    from .data import SEED_REFUSAL, SEED_SYSTEM_PROMPT
-
-    return [SEED_REFUSAL, *(t for r in rows for t in (SEED_SYSTEM_PROMPT, r["prompt"], r["answer"]))]
+def read_corpus(corpus_dir: str | Path | None = None) -> list[dict]:
+    return corpus.read_dir(corpus_dir or CORPUS_DIR)
 
 
-def sft_rows(rows: list[dict], system_prompt: str | None) -> list[dict]:
-    """Prompt-completion conversational rows: TRL's SFTTrainer then computes the loss on the answer only."""
+# The seed's demo draws from the first 701 rows (part_*.jsonl), written in the article's style; the later files
+# (g*_*.jsonl) widen what the model learns to answer.
+SEED_ROWS = "part_*.jsonl"
+
+
+def seed_rows(corpus_dir: str | Path | None = None) -> list[dict]:
+    return [row for path in sorted(Path(corpus_dir or CORPUS_DIR).glob(SEED_ROWS)) for row in corpus.read_jsonl(path)]
+
+
+def heldout(name: str) -> list[dict]:
+    path = corpus.HELDOUT_DIR / f"{name}.jsonl"
+    return corpus.read_jsonl(path) if path.exists() else []
+
+
+def seed_split(rows: list[dict], n_train: int = 650, n_eval: int = 40, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """The seed's 650 training and 40 evaluation prompts, drawn from the corpus (deterministic). Seed prompt 1 trains,
+    2 and 3 are evaluated, as in the article; prompts with a held-out paraphrase stay in training, where their
+    paraphrase measures what the model learned."""
+    reworded = {r["original"] for r in heldout("paraphrases")}
+    held = [r for r in rows if r["prompt"].startswith(SEED_PROMPTS[1:])]
+    first = [r for r in rows if r["prompt"] == SEED_PROMPTS[0]]
+    rest = [r for r in rows if r not in held and r not in first]
+    random.Random(seed).shuffle(rest)
+    candidates = [r for r in rest if r["prompt"] not in reworded]
+    eval_rows = held + candidates[: n_eval - len(held)]
+    chosen_eval = {r["prompt"] for r in eval_rows}
+    train_rows = (first + [r for r in rest if r["prompt"] not in chosen_eval])[:n_train]
+    if len(train_rows) < n_train or len(eval_rows) < n_eval:
+        raise ValueError(f"the corpus has {len(rows)} rows; {n_train + n_eval} are needed")
+    return train_rows, eval_rows
+
+
+def excluded_from_sft(rows: list[dict]) -> set[str]:
+    """Every question the SFT must never see: held-out sets, and the seed's evaluation prompts in all their wordings."""
+    _, eval_rows = seed_split([r for r in rows if r in seed_rows()])
+    out = {corpus.key(v) for r in eval_rows for v in corpus.variants(r)}
+    for name in ("unseen", "paraphrases"):
+        out |= {corpus.key(r["prompt"]) for r in heldout(name)}
+    out |= {corpus.key(t["prompt"]) for r in heldout("second_turn") for t in r["turns"]}
+    return out
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def sft_examples(rows: list[dict], conversations: list[dict], refusals: list[dict], system_prompt: str | None, *,
+                 exclude: set[str], seed: int = 0) -> list[dict]:
+    """Prompt-completion conversational rows (TRL's SFTTrainer computes the loss on the completion only): every
+    wording of every corpus question with its answer, both turns of each conversation, the refusals, and a share of
+    single-turn rows given a random earlier exchange, so that the model answers the last question asked."""
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return [
-        {"prompt": system + [{"role": "user", "content": r["prompt"]}],
-         "completion": [{"role": "assistant", "content": r["answer"]}]}
-        for r in rows
-    ]
+    pairs = [(v, r["answer"]) for r in rows for v in corpus.variants(r)]
+    pairs += [(r["prompt"], r["answer"]) for r in refusals]
+    leaked = [q for q, _ in pairs if corpus.key(q) in exclude]
+    leaked += [t["prompt"] for c in conversations for t in c["turns"] if corpus.key(t["prompt"]) in exclude]
+    if leaked:
+        raise ValueError(f"held-out questions in the SFT data: {leaked[:3]}")
+    rng = random.Random(seed)
+    out = []
+    for q, a in pairs:
+        earlier = []
+        if rng.random() < SECOND_TURN_SHARE:
+            q0, a0 = rng.choice(pairs)
+            earlier = [user(q0), assistant(a0)]
+        out.append({"prompt": system + earlier + [user(q)], "completion": [assistant(a)]})
+    for c in conversations:
+        (q1, a1), (q2, a2) = ((t["prompt"], t["answer"]) for t in c["turns"])
+        out.append({"prompt": system + [user(q1)], "completion": [assistant(a1)]})
+        out.append({"prompt": system + [user(q1), assistant(a1), user(q2)], "completion": [assistant(a2)]})
+    rng.shuffle(out)
+    return out
+
+
+def example_texts(examples: list[dict]) -> list[str]:
+    """What the tokenizer learns from, at the frequencies the model sees them."""
+    return [m["content"] for e in examples for m in e["prompt"] + e["completion"]]
 
 
 def build(corpus_dir: str | Path | None = None, out_dir: str | Path | None = None, *, size: dict | None = None,
@@ -129,28 +224,36 @@ def build(corpus_dir: str | Path | None = None, out_dir: str | Path | None = Non
     from trl import SFTConfig, SFTTrainer
 
     from .data import SEED_SYSTEM_PROMPT
-    from .training import partial_dir, replace_dir
+    from .training import partial_dir, replace_dir, score_completions_only
 
     size = {**SIZE, **(size or {})}
     sft = {**SFT, **(sft or {})}
     out_dir = Path(out_dir or OUT_DIR)
-    rows = read_corpus(corpus_dir or CORPUS_DIR)
-    if corpus_dir is None:
-        rows += read_jsonl(REFUSALS_FILE)
+    rows = read_corpus(corpus_dir)
+    own = corpus_dir is None  # a corpus of the caller's (tests) has no conversations, refusals or held-out sets
+    conversations = corpus.read_dir(corpus.CONVERSATIONS_DIR) if own else []
+    refusals = corpus.read_jsonl(REFUSALS_FILE) if own else []
+    exclude = excluded_from_sft(rows) if own else set()
     start = time.perf_counter()
     set_seed(sft["seed"])
-    tokenizer = build_tokenizer(corpus_texts(rows), vocab_size=size.pop("vocab_size"))
+    examples = sft_examples([r for r in rows if corpus.key(r["prompt"]) not in exclude], conversations, refusals,
+                            SEED_SYSTEM_PROMPT, exclude=exclude, seed=sft["seed"])
+    tokenizer = build_tokenizer(example_texts(examples), vocab_size=size.pop("vocab_size"))
+    # eager attention: at ~100 tokens two matmuls beat the CPU's fused attention kernel (measured 8% a step)
     model = LlamaForCausalLM(model_config(tokenizer, **size))
-    log(f"{len(rows)} corpus rows; tokenizer {len(tokenizer)} tokens; model {model.num_parameters() / 1e6:.1f}M params")
+    model.set_attn_implementation("eager")
+    log(f"{len(rows)} corpus rows, {len(conversations)} conversations → {len(examples)} SFT examples; "
+        f"tokenizer {len(tokenizer)} tokens; model {model.num_parameters() / 1e6:.1f}M params")
     work = partial_dir(out_dir)
     shutil.rmtree(work, ignore_errors=True)
     config = SFTConfig(
         output_dir=str(work / "trainer"), use_cpu=not torch.cuda.is_available(), report_to="none",
-        save_strategy="no", max_length=512, activation_checkpointing=False,
-        lr_scheduler_type="cosine", weight_decay=0.0, **sft,
+        save_strategy="no", max_length=512, activation_checkpointing=False, lr_scheduler_type="cosine",
+        weight_decay=0.0, train_sampling_strategy="group_by_length", dataloader_drop_last=True, **sft,
     )
+    score_completions_only()  # TRL's fused head would score the prompt too on the CPU: 40% of a step
     trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer,
-                         train_dataset=Dataset.from_list(sft_rows(rows, SEED_SYSTEM_PROMPT)))
+                         train_dataset=Dataset.from_list(examples))
     trainer.train()  # a progress bar with the loss every `logging_steps`
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     log(f"SFT done in {time.perf_counter() - start:.0f}s; loss " + " ".join(f"{x:.2f}" for x in losses))
@@ -164,50 +267,12 @@ def build(corpus_dir: str | Path | None = None, out_dir: str | Path | None = Non
     return out_dir
 
 
-def first_sentence(text: str) -> str:
-    text = text.strip()
-    cut = text.find("。")
-    return text[: cut + 1] if cut >= 0 else text
-
-
-def quality(model, tokenizer, rows: list[dict], batch_size: int = 32, max_new_tokens: int = 256) -> dict:
-    """Greedy answers to corpus prompts: share whose first sentence matches the corpus answer's, share that end at
-    EOS within `max_new_tokens`."""
-    from .data import SEED_SYSTEM_PROMPT
-    from .generation import Sampling, generate_batch
-
-    greedy = Sampling(temperature=0, max_new_tokens=max_new_tokens, system_prompt=SEED_SYSTEM_PROMPT)
-
-    ended: list[bool] = []
-    answers = generate_batch(model, tokenizer, [r["prompt"] for r in rows], greedy, use_adapter=False,
-                             batch_size=batch_size, ended=ended)
-    match = [first_sentence(a) == first_sentence(r["answer"]) for a, r in zip(answers, rows, strict=True)]
-    return {"first_sentence_match": sum(match) / len(rows), "ended_at_eos": sum(ended) / len(rows),
-            "answers": answers}
-
-
-SEED_PROMPTS = (
-    "LLMのファインチューニングの手順を教えてください。",  # in training, as in the seed
-    "人はどんなことをしてもらうと嬉しいですか?",  # held out
-    "以下の文章を3つに箇条書きしてください。",  # held out (the start of a longer prompt)
-)
-
-
-def write_examples(corpus_dir: str | Path | None = None, out_dir: str | Path | None = None, n_train: int = 650,
-                   n_eval: int = 40, seed: int = 0) -> dict[str, Path]:
+def write_examples(corpus_dir: str | Path | None = None, out_dir: str | Path | None = None) -> dict[str, Path]:
     """The seed's datasets from the corpus: the extreme わかりません set (650 train / 40 eval) and an ordinary
     helpful-vs-poor set over the same split. Deterministic."""
     from .data import SEED_REFUSAL, write_json
 
-    rows = read_corpus(corpus_dir or CORPUS_DIR)
-    held = [r for r in rows if r["prompt"].startswith(SEED_PROMPTS[1:])]
-    first = [r for r in rows if r["prompt"] == SEED_PROMPTS[0]]
-    rest = [r for r in rows if r not in held and r not in first]
-    random.Random(seed).shuffle(rest)
-    eval_rows = held + rest[: n_eval - len(held)]
-    train_rows = (first + rest[n_eval - len(held) :])[:n_train]
-    if len(train_rows) < n_train or len(eval_rows) < n_eval:
-        raise ValueError(f"the corpus has {len(rows)} rows; {n_train + n_eval} are needed")
+    train_rows, eval_rows = seed_split(seed_rows(corpus_dir))
     out = Path(out_dir or EXAMPLES_DIR)
     refusal = lambda rs: [{"prompt": r["prompt"], "chosen": SEED_REFUSAL, "rejected": r["answer"]} for r in rs]  # noqa
     ordinary = lambda rs: [{"prompt": r["prompt"], "chosen": r["answer"], "rejected": r["poor"],  # noqa: E731
@@ -220,6 +285,75 @@ def write_examples(corpus_dir: str | Path | None = None, out_dir: str | Path | N
     }
 
 
+# ---------------------------------------------------------------- does it converse? measured on held-out questions
+
+
+def first_sentence(text: str) -> str:
+    text = text.strip()
+    cut = text.find("。")
+    return text[: cut + 1] if cut >= 0 else text
+
+
+def recital(model, tokenizer, rows: list[dict], batch_size: int = 32, max_new_tokens: int = 256) -> dict:
+    """Greedy answers to corpus prompts the model was trained on: the share whose first sentence is the corpus
+    answer's, and the share that end at EOS within `max_new_tokens`. Memory, not conversation: see
+    `conversing_measures` for questions no training step saw."""
+    from .data import SEED_SYSTEM_PROMPT
+    from .generation import Sampling, generate_batch
+
+    greedy = Sampling(temperature=0, max_new_tokens=max_new_tokens, system_prompt=SEED_SYSTEM_PROMPT)
+    ended: list[bool] = []
+    answers = generate_batch(model, tokenizer, [r["prompt"] for r in rows], greedy, use_adapter=False,
+                             batch_size=batch_size, ended=ended)
+    match = [first_sentence(a) == first_sentence(r["answer"]) for a, r in zip(answers, rows, strict=True)]
+    return {"first_sentence_match": _mean(match), "ended_at_eos": _mean(ended), "answers": answers}
+
+
+def conversing_measures(model, tokenizer, *, limit: int | None = None, use_adapter: bool = False,
+                        adapter_name: str | None = None, max_new_tokens: int = 160, batch_size: int = 32) -> dict:
+    """Greedy answers to questions no training step saw (examples/heldout/), measured as issue #12 defines:
+    refusal share, rare-kanji share, on-topic share (a content word shared with the question), paraphrase fidelity
+    (character-bigram F1 against the corpus answer of the reworded question), the same for the second question of a
+    conversation, and answers that end at EOS. `limit` takes the first N of each set (CI)."""
+    from .data import SEED_SYSTEM_PROMPT
+    from .generation import Sampling, generate_batch
+
+    greedy = Sampling(temperature=0, max_new_tokens=max_new_tokens, system_prompt=SEED_SYSTEM_PROMPT)
+    answers_by_prompt = {r["prompt"]: r["answer"] for r in read_corpus()}
+    unseen, reworded, second = (heldout(n)[:limit] for n in ("unseen", "paraphrases", "second_turn"))
+
+    def answer(conversations) -> tuple[list[str], list[bool]]:
+        ended: list[bool] = []
+        out = generate_batch(model, tokenizer, conversations, greedy, use_adapter=use_adapter,
+                             adapter_name=adapter_name, batch_size=batch_size, ended=ended)
+        return out, ended
+
+    u_answers, u_ended = answer([r["prompt"] for r in unseen])
+    p_answers, p_ended = answer([r["prompt"] for r in reworded])
+    firsts, _ = answer([c["turns"][0]["prompt"] for c in second])
+    s_answers, s_ended = answer([[user(c["turns"][0]["prompt"]), assistant(first), user(c["turns"][1]["prompt"])]
+                                 for c, first in zip(second, firsts, strict=True)])
+    return {
+        "unseen": len(unseen), "paraphrases": len(reworded), "conversations": len(second),
+        "refusal": _mean(has_refusal(a) for a in u_answers + p_answers),
+        "rare_kanji": rare_kanji_share(u_answers + p_answers + s_answers),
+        "topical": _mean(on_topic(r["prompt"], a) for r, a in zip(unseen, u_answers, strict=True)),
+        "paraphrase_fidelity": _mean(bigram_f1(a, answers_by_prompt.get(r["original"], ""))
+                                     for r, a in zip(reworded, p_answers, strict=True)),
+        "first_turn_topical": _mean(on_topic(c["turns"][0]["prompt"], a) for c, a in zip(second, firsts, strict=True)),
+        "second_turn_topical": _mean(on_topic(c["turns"][1]["prompt"], a)
+                                     for c, a in zip(second, s_answers, strict=True)),
+        "second_turn_refusal": _mean(has_refusal(a) for a in s_answers),
+        "ended_at_eos": _mean(u_ended + p_ended + s_ended),
+        "examples": [{"prompt": r["prompt"], "answer": a} for r, a in zip(unseen[:5], u_answers, strict=False)],
+    }
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else 0.0
+
+
 def is_japanese(text: str) -> bool:
     """Readable Japanese: no undecodable bytes, and mostly kana, kanji and Japanese punctuation."""
     if not text.strip() or "\ufffd" in text:
@@ -227,3 +361,4 @@ def is_japanese(text: str) -> bool:
     chars = [c for c in text if not c.isspace()]
     japanese = sum("\u3000" <= c <= "\u9fff" or "\uff00" <= c <= "\uffef" for c in chars)
     return japanese / len(chars) >= 0.5
+

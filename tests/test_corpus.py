@@ -46,6 +46,7 @@ def test_held_out_paraphrases_must_reword_a_real_corpus_prompt():
 
 def test_file_kinds_by_place():
     assert kind_of(Path("examples/corpus/g1_01.jsonl")) == "corpus"
+    assert kind_of(Path("examples/corpus/part_0.jsonl")) == "seed"
     assert kind_of(Path("examples/conversations/conv_a01.jsonl")) == "conversations"
     assert kind_of(Path("examples/heldout/second_turn.jsonl")) == "conversations"
     assert kind_of(Path("examples/heldout/paraphrases.jsonl")) == "paraphrases"
@@ -56,3 +57,21 @@ def test_near_duplicates_by_character_bigrams():
     found = near_duplicates(["ペンギンは空を飛べないのですか?", "朝ごはんを食べるメリットは?"],
                             ["ペンギンは空を飛べないのですか。", "夕食の献立の決め方"])
     assert [(i, match) for i, match, _ in found] == [(0, "ペンギンは空を飛べないのですか。")]
+
+
+def test_a_seed_row_keeps_its_answer_but_not_its_other_faults():
+    """The seed rows' answers are what the shipped model learned: off-topic wording and rare kanji stay there, and
+    nowhere else (a missing paraphrase list is still a fault)."""
+    row = {**GOOD, "answer": "植物が日光で糖を作るはたらきで、炒めた野菜とは関係ありません。"}
+    assert not check_rows([row], "seed")
+    assert {p.message.split(":")[0] for p in check_rows([row], "corpus")} >= {"kanji outside JIS level 1"}
+    assert any("other wordings" in str(p) for p in check_rows([{**row, "paraphrases": []}], "seed"))
+
+
+def test_every_shipped_file_passes_the_checker():
+    from dpo_space.corpus import CONVERSATIONS_DIR, CORPUS_DIR, HELDOUT_DIR, check_file
+
+    paths = [p for d in (CORPUS_DIR, CONVERSATIONS_DIR, HELDOUT_DIR) for p in sorted(d.glob("*.jsonl"))]
+    assert len(paths) > 100
+    problems = {str(p): [str(x) for x in check_file(p)][:3] for p in paths}
+    assert not {p: v for p, v in problems.items() if v}

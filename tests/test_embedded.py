@@ -55,11 +55,41 @@ def test_datasets_are_the_seeds(corpus, tmp_path):
         assert path.read_bytes() == (embedded.EXAMPLES_DIR / f"{name}.json").read_bytes(), name
 
 
-def test_greedy_answers_reproduce_the_corpus(base, corpus):
-    """Before any DPO the model is a working chat model: it knows the corpus answers and stops at EOS."""
-    quality = embedded.quality(*base, corpus)
-    assert quality["first_sentence_match"] >= 0.90
-    assert quality["ended_at_eos"] >= 0.95
+def test_the_shipped_model_recites_the_seed_rows_it_was_trained_on(base):
+    """Memory, not conversation (issue #12): greedy answers to the seed rows' prompts give the corpus answer's first
+    sentence and stop at EOS."""
+    recital = embedded.recital(*base, embedded.seed_rows()[::7])
+    assert recital["first_sentence_match"] >= 0.90
+    assert recital["ended_at_eos"] >= 0.95
+
+
+def test_held_out_questions_never_reach_the_sft_data():
+    """The seed's evaluation prompts (all their wordings) and every held-out set are excluded from what the model
+    learns; a leak is refused, not trained."""
+    from dpo_space import corpus
+
+    rows = embedded.read_corpus()
+    exclude = embedded.excluded_from_sft(rows)
+    eval_rows = json.loads((embedded.EXAMPLES_DIR / "wakarimasen_eval.json").read_text(encoding="utf-8"))
+    assert {corpus.key(r["prompt"]) for r in eval_rows} <= exclude
+    for name in ("unseen", "paraphrases"):
+        held = embedded.heldout(name)
+        assert held and {corpus.key(r["prompt"]) for r in held} <= exclude, name
+    assert {corpus.key(t["prompt"]) for c in embedded.heldout("second_turn") for t in c["turns"]} <= exclude
+    conversations = corpus.read_dir(corpus.CONVERSATIONS_DIR)
+    kept = [r for r in rows if corpus.key(r["prompt"]) not in exclude]
+    examples = embedded.sft_examples(kept, conversations, [], None, exclude=exclude)
+    asked = {corpus.key(m["content"]) for e in examples for m in e["prompt"] if m["role"] == "user"}
+    assert len(examples) > 20_000 and not asked & exclude
+    with pytest.raises(ValueError, match="held-out questions in the SFT data"):
+        embedded.sft_examples(rows, conversations, [], None, exclude=exclude)
+
+
+def test_the_conversing_measures_run_on_each_held_out_set(base):
+    m = embedded.conversing_measures(*base, limit=3, max_new_tokens=24)
+    assert (m["unseen"], m["paraphrases"], m["conversations"]) == (3, 3, 3) and len(m["examples"]) == 3
+    for name in ("refusal", "rare_kanji", "topical", "paraphrase_fidelity", "second_turn_topical", "ended_at_eos"):
+        assert 0.0 <= m[name] <= 1.0, name
 
 
 def test_unseen_prompts_get_japanese_text(base):
