@@ -16,6 +16,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -33,11 +34,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(port: int) -> subprocess.Popen:
-    """`python app.py` on a loopback port; returns once the page is served."""
-    env = {**os.environ, "PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+def start_app(port: int, env: dict | None = None) -> subprocess.Popen:
+    """`python app.py` on a loopback port (with `env` added to its environment); returns once the page is served."""
+    env = {**os.environ, "PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_ANALYTICS_ENABLED": "False",
+           **(env or {})}
+    log = tempfile.TemporaryFile()  # the app's own output, shown if it does not start
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -48,7 +50,8 @@ def start_app(port: int) -> subprocess.Popen:
                 break
             time.sleep(0.05)
     proc.terminate()
-    raise SystemExit("app.py did not start")
+    log.seek(0)
+    raise SystemExit("app.py did not start:\n" + log.read().decode(errors="replace")[-3000:])
 
 
 def visitor(url: str, requests: int, max_new_tokens: int, latencies: list, errors: list, deadline: float, n: int):

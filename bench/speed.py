@@ -50,7 +50,7 @@ def _seed_recipe(pairs: int, output_dir: str):
 
     from dpo_space import embedded, models
 
-    model, tokenizer = models.load_model(models.EMBEDDED, load_in_4bit=False)  # as the embedded preset loads it
+    model, tokenizer = models.load_model(models.EMBEDDED)  # 4-bit nf4, as the preset and the seed's script load it
     loaded = time.perf_counter()
     peft_config = LoraConfig(r=12, lora_alpha=12, target_modules=["q_proj", "v_proj"], lora_dropout=0.1, bias="none")
     model = get_peft_model(model, peft_config)
@@ -90,7 +90,7 @@ def _ours(pairs: int, output_dir: str, overrides: dict, lever: str | None):
         training.score_completions_only = lambda: None  # TRL's own CPU path: every position through the vocabulary
     if lever == "one_padding":
         training.pad_halves_separately = lambda model: None  # TRL's: chosen and rejected padded to one length
-    model, tokenizer = models.load_model(models.EMBEDDED, load_in_4bit=False)
+    model, tokenizer = models.load_model(models.EMBEDDED)  # 4-bit nf4, the preset's
     loaded = time.perf_counter()
     hardware = models.Hardware("cpu", "CPU", "bf16") if lever == "bf16" else None  # autocast; fp32 master weights
     settings = training.RunSettings.for_model(models.EMBEDDED, output_dir=output_dir, **overrides)
@@ -289,9 +289,12 @@ def planner_table() -> list[str]:
     from dpo_space.training import RunSettings
 
     lines = ["Estimated peak GPU memory (dpo_space/memory.py, on paper: no GPU measured it here) of each GPU preset at "
-             "its own settings, and the batch × accumulation (+ gradient checkpointing) the planner picks per GPU:",
-             "", "| preset | settings | estimate | " + " | ".join(memory.GPUS) + " |",
-             "|---|---|---|" + "---|" * len(memory.GPUS)]
+             "its own settings, with the Space's chat copy resident beside the run (its weights, the KV cache of a "
+             "16-answer batch, eight adapters), and the batch × accumulation (+ gradient checkpointing) the planner "
+             "picks per GPU; where nothing fits beside the chat copy, the run alone (the Space pauses chat and lends "
+             "the run its base):",
+             "", "| preset | settings | run alone | chat copy | both | " + " | ".join(memory.GPUS) + " |",
+             "|---|---|---|---|---|" + "---|" * len(memory.GPUS)]
     for key, preset in models.PRESETS.items():
         if not preset.needs_gpu:
             continue
@@ -302,12 +305,15 @@ def planner_table() -> list[str]:
                             **sizes)
         cells = []
         for gib in memory.GPUS.values():
-            p = memory.plan(shape, gib, effective_batch=s.per_device_train_batch_size * s.gradient_accumulation_steps,
-                            **sizes)
+            effective = s.per_device_train_batch_size * s.gradient_accumulation_steps
+            p = memory.plan(shape, gib, effective_batch=effective, **sizes)
+            alone = "" if p.fits else " alone, chat paused"
+            p = p if p.fits else memory.plan(shape, gib, effective_batch=effective, with_chat_copy=False, **sizes)
             cells.append(f"{p.batch} × {p.accumulation}{' + ckpt' if p.checkpointing else ''} "
-                         f"({p.estimate.total / memory.GIB:.1f} GiB)" if p.fits else "does not fit")
+                         f"({p.estimate.total / memory.GIB:.1f} GiB{alone})" if p.fits else "does not fit")
         lines.append(f"| {key} | batch {s.per_device_train_batch_size} × {s.gradient_accumulation_steps}, "
                      f"{s.max_length} tokens{', ckpt' if s.gradient_checkpointing else ''} | "
+                     f"{(e.total - e.chat) / memory.GIB:.1f} GiB | {e.chat / memory.GIB:.1f} GiB | "
                      f"{e.total / memory.GIB:.1f} GiB | " + " | ".join(cells) + " |")
     return lines
 

@@ -222,16 +222,12 @@ def cmd_compare(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from tqdm.auto import tqdm
-
     from .data import read_prompts
     from .generation import evaluate
 
     prompts = read_prompts(args.prompts)
     model, tokenizer, settings = _load_pair(args)
-    with tqdm(total=2 * len(prompts), desc="answering", unit="answer") as bar:
-        report = evaluate(model, tokenizer, prompts, _sampling(args, settings), batch_size=args.batch_size,
-                          progress=bar.update)
+    report = evaluate(model, tokenizer, prompts, _sampling(args, settings), batch_size=args.batch_size)
     text = json.dumps(report, ensure_ascii=False, indent=1)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")

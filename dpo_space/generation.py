@@ -7,14 +7,16 @@ from the adapter, not from the dice.
 
 from __future__ import annotations
 
+import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 from peft import PeftModel
 from transformers import LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
+from tqdm.auto import tqdm
 from trl.data_utils import common_prefix_length
 
 from .collapse import REFUSAL_PHRASES, measure, summarize
@@ -139,19 +141,27 @@ class ValidUTF8(LogitsProcessor):
 
     @staticmethod
     def table_for(tokenizer) -> torch.Tensor | None:
-        """None when the vocabulary is not byte-level (SentencePiece, say): nothing to guard."""
+        """The state table for a byte-level vocabulary (GPT-2 style: every piece spells bytes) or a byte-fallback one
+        (SentencePiece style: whole characters, plus <0xE3>-like pieces for single bytes); None for any other."""
         from transformers.convert_slow_tokenizer import bytes_to_unicode
 
         to_byte = {c: b for b, c in bytes_to_unicode().items()}
         added = set(tokenizer.get_added_vocab())
         vocab = tokenizer.get_vocab()
-        if not all(c in to_byte for token in vocab if token not in added for c in token):
+        if all(c in to_byte for token in vocab if token not in added for c in token):
+            def raw(token: str) -> bytes:
+                return bytes(to_byte[c] for c in token)
+        elif all(f"<0x{b:02X}>" in vocab for b in range(256)):
+            def raw(token: str) -> bytes:
+                byte = _BYTE_PIECE.fullmatch(token)
+                return bytes([int(byte.group(1), 16)]) if byte else token.replace("▁", " ").encode()
+        else:
             return None
         table = torch.full((_UTF8_STATES, max(len(tokenizer), max(vocab.values()) + 1)), -1, dtype=torch.long)
         for token, index in vocab.items():
-            raw = token.encode() if token in added else bytes(to_byte[c] for c in token)
+            piece = token.encode() if token in added else raw(token)
             for state in range(_UTF8_STATES):
-                table[state, index] = _utf8_state(raw, state)
+                table[state, index] = _utf8_state(piece, state)
         return table
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -164,6 +174,7 @@ class ValidUTF8(LogitsProcessor):
         return scores.masked_fill(~allowed, float("-inf"))
 
 
+_BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
 # Where a row's text stands: 0 at a character boundary; 1-3 owing that many continuation bytes (0x80-0xBF); 4-7 just
 # after a lead byte whose next byte has a narrower range (no overlong forms, no surrogates, nothing past U+10FFFF).
 _NEXT_RANGE = {4: (0xA0, 0xBF, 1), 5: (0x80, 0x9F, 1), 6: (0x90, 0xBF, 2), 7: (0x80, 0x8F, 2)}
@@ -254,13 +265,15 @@ def stream(model, tokenizer, conversation: Conversation, sampling: Sampling = Sa
 
 def generate_batch(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling(), *, use_adapter: bool,
                    adapter_name: str | None = None, batch_size: int = 16,
-                   progress: Callable[[int], object] | None = None, ended: list[bool] | None = None) -> list[str]:
-    """Answers to many prompts, left-padded in batches (much faster than one by one); `progress(n)` after each.
-    `ended`, if given, receives for each answer whether it ended at EOS rather than at `max_new_tokens`."""
+                   ended: list[bool] | None = None, desc: str = "answers") -> list[str]:
+    """Answers to many prompts, left-padded in batches (much faster than one by one), with a tqdm bar (which the page
+    shows through `gr.Progress(track_tqdm=True)`). `ended`, if given, receives for each answer whether it ended at EOS
+    rather than at `max_new_tokens`."""
     answers = []
     stop_ids = _eos_ids(model, tokenizer)
     was_training = model.training
     model.eval()
+    bar = tqdm(total=len(prompts), desc=desc, unit="answer", disable=not prompts)
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = [prompt_ids(tokenizer, p, sampling.system_prompt) for p in prompts[start : start + batch_size]]
@@ -274,9 +287,9 @@ def generate_batch(model, tokenizer, prompts: list[str], sampling: Sampling = Sa
             answers += [a.rstrip("\ufffd") for a in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
             if ended is not None:
                 ended += [any(t in stop_ids for t in row.tolist()) for row in out[:, width:]]
-            if progress is not None:
-                progress(len(chunk))
+            bar.update(len(chunk))
     finally:
+        bar.close()
         model.train(was_training)
     return answers
 
@@ -331,12 +344,12 @@ class Comparison:
 
 def evaluate(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling(), *,
              phrases: tuple[str, ...] | None = REFUSAL_PHRASES, adapter_name: str | None = None,
-             batch_size: int = 16, progress: Callable[[int], object] | None = None) -> dict:
+             batch_size: int = 16) -> dict:
     """Both answers to every prompt with their collapse measures, and a summary per side."""
     base = generate_batch(model, tokenizer, prompts, sampling, use_adapter=False, batch_size=batch_size,
-                          progress=progress)
+                          desc="base answers")
     dpo = generate_batch(model, tokenizer, prompts, sampling, use_adapter=True, adapter_name=adapter_name,
-                         batch_size=batch_size, progress=progress)
+                         batch_size=batch_size, desc="DPO answers")
     rows = [
         Comparison(p, b, d, measure(b, phrases).as_dict(), measure(d, phrases).as_dict())
         for p, b, d in zip(prompts, base, dpo, strict=True)
@@ -354,11 +367,11 @@ PAIR_REPORT_COLUMNS = ("row", "prompt", "policy_chosen", "policy_rejected", "ref
 
 
 def pair_report(model, tokenizer, rows: list[dict], beta: float, system_prompt: str | None, *,
-                adapter_name: str | None = None, progress: Callable[[int], object] | None = None) -> list[dict]:
+                adapter_name: str | None = None) -> list[dict]:
     """Per preference pair: policy and reference log-probs of chosen and rejected, implicit rewards, and whether the
     DPO model now ranks the pair right (reward margin > 0). Wrong ones first: they are what to look at."""
     out = []
-    for i, row in enumerate(rows, start=1):
+    for i, row in enumerate(tqdm(rows, desc="pairs", unit="pair"), start=1):
         chosen, rejected = row["chosen"], row["rejected"]
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in (chosen, rejected)]
         policy = response_logps(model, tokenizer, row["prompt"], texts, system_prompt, use_adapter=True,
@@ -369,6 +382,4 @@ def pair_report(model, tokenizer, rows: list[dict], beta: float, system_prompt: 
                     "policy_chosen": policy[0], "policy_rejected": policy[1], "ref_chosen": reference[0],
                     "ref_rejected": reference[1], "reward_chosen": r_c, "reward_rejected": r_r,
                     "margin": r_c - r_r, "ranked_right": r_c > r_r})
-        if progress is not None:
-            progress(1)
     return sorted(out, key=lambda r: (r["ranked_right"], r["margin"]))

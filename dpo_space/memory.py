@@ -94,19 +94,36 @@ class Estimate:
     activations: float
     head: float  # the LM-head tiles of TRL's chunked log-prob
     overhead: float  # CUDA context and allocator slack
+    chat: float = 0.0  # the Space's chat copy, resident beside the training copy (0 for a run on its own)
 
     @property
     def total(self) -> float:
-        return self.weights + self.lora + self.activations + self.head + self.overhead
+        return self.weights + self.lora + self.activations + self.head + self.overhead + self.chat
 
     def gib(self) -> dict[str, float]:
         return {k: round(v / GIB, 2) for k, v in {**self.__dict__, "total": self.total}.items()}
 
 
+CHAT_BATCH, CHAT_NEW_TOKENS = 16, 256  # the chat copy's worst call: an evaluation batch of 16 answers
+
+
+def chat_copy(shape: Shape, *, load_in_4bit: bool = True, prompt_tokens: int = 256, bytes_per_value: int = 2) -> float:
+    """The chat model the Space keeps loaded: its weights, the KV cache and logits of its largest generation batch,
+    and a handful of loaded adapters (each a LoRA of r 16 on q/v, in the compute dtype)."""
+    b = bytes_per_value
+    weights = shape.linear_params * (0.52 if load_in_4bit else b) + shape.embedding_params * b
+    tokens = CHAT_BATCH * (prompt_tokens + CHAT_NEW_TOKENS)
+    kv_cache = 2 * shape.layers * shape.kv_width * tokens * b
+    logits = CHAT_BATCH * shape.vocab * 4
+    adapters = 8 * shape.layers * 16 * (sum(shape.module_dims("q_proj")) + sum(shape.module_dims("v_proj"))) * b
+    return (weights + kv_cache + logits + adapters) * FRAGMENTATION
+
+
 def estimate(shape: Shape, *, batch: int, max_length: int, load_in_4bit: bool = True, lora_r: int = 12,
              lora_targets: tuple[str, ...] = ("q_proj", "v_proj"), checkpointing: bool = False,
-             bytes_per_value: int = 2) -> Estimate:
-    """Peak memory in bytes of one training step at `batch` pairs of `max_length` tokens (the worst batch)."""
+             bytes_per_value: int = 2, with_chat_copy: bool = True) -> Estimate:
+    """Peak memory in bytes of one training step at `batch` pairs of `max_length` tokens (the worst batch), with the
+    Space's chat copy beside it unless `with_chat_copy` is False (a run from the CLI)."""
     b = bytes_per_value
     linear = shape.linear_params * (0.52 if load_in_4bit else b)  # nf4 + double-quantised absmax
     weights = linear + shape.embedding_params * b
@@ -123,7 +140,8 @@ def estimate(shape: Shape, *, batch: int, max_length: int, load_in_4bit: bool = 
     activations += tokens * shape.hidden * 4  # the final hidden states, in fp32 for the head
     head = 2 * min(tokens, HEAD_TOKENS) * min(shape.vocab, HEAD_VOCAB) * 4  # a tile and its fp32 copy
     overhead = (weights + lora + activations + head) * (FRAGMENTATION - 1) + CUDA_CONTEXT
-    return Estimate(weights, lora, activations, head, overhead)
+    chat = chat_copy(shape, load_in_4bit=load_in_4bit, bytes_per_value=b) if with_chat_copy else 0.0
+    return Estimate(weights, lora, activations, head, overhead, chat)
 
 
 @dataclass(frozen=True)
@@ -137,7 +155,8 @@ class Plan:
 
 def plan(shape: Shape, gpu_gib: float, *, effective_batch: int, max_length: int, **kwargs) -> Plan:
     """The largest per-device batch (a power of two dividing `effective_batch`) that fits, without gradient
-    checkpointing if possible (it costs about a third more compute), the rest as gradient accumulation."""
+    checkpointing if possible (it costs about a third more compute), the rest as gradient accumulation. With the chat
+    copy beside the run unless `with_chat_copy=False` is passed."""
     sizes = [s for s in (64, 32, 16, 8, 4, 2, 1) if s <= effective_batch and effective_batch % s == 0] or [1]
     for checkpointing in (False, True):
         for batch in sizes:
@@ -146,3 +165,30 @@ def plan(shape: Shape, gpu_gib: float, *, effective_batch: int, max_length: int,
                 return Plan(batch, max(1, effective_batch // batch), checkpointing, e, True)
     e = estimate(shape, batch=1, max_length=max_length, checkpointing=True, **kwargs)
     return Plan(1, effective_batch, True, e, False)
+
+
+def gpu_gib() -> float:
+    """This machine's GPU memory as torch reports it (0 without one)."""
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else 0.0
+
+
+def settings_estimate(settings, model_id: str, *, with_chat_copy: bool = True) -> Estimate | None:
+    """The estimate for a run's settings (RunSettings) on a model, or None where its shape is unknown."""
+    from .models import preset_for
+
+    preset = preset_for(model_id)
+    shape = shape_for(preset.model_id if preset else model_id)
+    if shape is None:
+        return None
+    return estimate(shape, batch=settings.per_device_train_batch_size, max_length=int(settings.max_length or 1024),
+                    load_in_4bit=settings.load_in_4bit, lora_r=settings.lora_r,
+                    lora_targets=tuple(settings.lora_target_modules), checkpointing=settings.gradient_checkpointing,
+                    with_chat_copy=with_chat_copy)
+
+
+def fits_beside_chat(settings, model_id: str, gpu_memory_gib: float) -> bool:
+    """Whether a run fits this GPU with the chat copy resident beside it (unknown shapes are given the benefit)."""
+    e = settings_estimate(settings, model_id)
+    return e is None or e.total <= gpu_memory_gib * GIB

@@ -30,6 +30,9 @@ class Preset:
     needs_gpu: bool
     settings: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    # GPU seconds a pair takes at the preset's settings, for the duration a ZeroGPU run asks for. On paper (a ZeroGPU
+    # slice is about half an H100) until bench/gpu_check.py measures them.
+    gpu_seconds_per_pair: float = 1.0
 
 
 PRESETS: dict[str, Preset] = {
@@ -45,6 +48,7 @@ PRESETS: dict[str, Preset] = {
             settings={"learning_rate": 4e-3, "per_device_train_batch_size": 16, "warmup_steps": 0.1,
                       "max_length": 256, "train_sampling_strategy": "group_by_length"},
             note="Built by `python -m dpo_space build-embedded` from examples/corpus; ships inside the package.",
+            gpu_seconds_per_pair=0.02,
         ),
         Preset(
             "elyza-8b",
@@ -54,15 +58,18 @@ PRESETS: dict[str, Preset] = {
             settings={"per_device_train_batch_size": 1, "gradient_accumulation_steps": 4, "max_length": 1024,
                       "gradient_checkpointing": True},
             note="4-bit nf4 fits a 16 GB T4 at batch 1 with gradient checkpointing.",
+            gpu_seconds_per_pair=1.5,
         ),
         Preset(
             "tinyswallow-1.5b",
             "SakanaAI/TinySwallow-1.5B-Instruct",
             "TinySwallow 1.5B Instruct (Japanese, small)",
             needs_gpu=True,
-            # batch 2 × 2: fits a 16 GB T4 at 1024 tokens by the memory planner (bench/speed.py, BENCHMARKS.md)
-            settings={"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_length": 1024,
+            # batch 1 × 4: a 16 GB T4 holds it at 1024 tokens beside the Space's chat copy by the memory planner
+            # (batch 2 would need 15.8 GiB with the chat copy; dpo_space/memory.py, BENCHMARKS.md)
+            settings={"per_device_train_batch_size": 1, "gradient_accumulation_steps": 4, "max_length": 1024,
                       "learning_rate": 1e-5},
+            gpu_seconds_per_pair=0.4,
         ),
         Preset(
             "qwen2.5-0.5b",
@@ -71,6 +78,7 @@ PRESETS: dict[str, Preset] = {
             needs_gpu=True,
             settings={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_length": 1024,
                       "learning_rate": 1e-5},
+            gpu_seconds_per_pair=0.15,
         ),
     ]
 }
@@ -158,7 +166,8 @@ def local_rank() -> int:
     """This process's index on its machine, as accelerate counts it (`PartialState().local_process_index`)."""
     from accelerate import PartialState
 
-    return PartialState().local_process_index
+    # cpu=True where there is no CUDA (tests under torchrun over gloo); on GPUs accelerate's own detection
+    return PartialState(cpu=not torch.cuda.is_available()).local_process_index
 
 
 def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:

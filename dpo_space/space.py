@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import models
 from .errors import DPOSpaceError
-from .training import RunSettings
+from .training import RunSettings, partial_dir
 
 SHARED_SPACE_ID = os.environ.get("DPO_SPACE_SHARED_ID", "dpo-space/dpo-space")
 # What a finished run offers for download, and pushes: the adapter, its settings and what it trained on.
@@ -39,6 +41,8 @@ class Limits:
     max_length: int = 32_768  # tokens per training sequence
     eval_prompts: int = 1000
     inspect_pairs: int = 2000
+    runs_per_hour: int = 1000  # per visitor
+    answers_per_minute: int = 1000  # per visitor: Compare, Evaluate and the inspector each count one
 
     @classmethod
     def for_space(cls, shared: bool | None = None) -> Limits:
@@ -47,7 +51,77 @@ class Limits:
             return cls()
         # every recipe fits (the over-train one runs 4 epochs); 650 pairs × 4 epochs at batch 8 is 328 steps
         return cls(shared=True, max_pairs=700, max_epochs=4, max_steps=400, max_new_tokens=256, max_length=1024,
-                   eval_prompts=40, inspect_pairs=100)
+                   eval_prompts=40, inspect_pairs=100, runs_per_hour=6, answers_per_minute=20)
+
+
+@dataclass(frozen=True)
+class Retention:
+    """What the Space keeps, so that memory and disk stay bounded however many people visit. Defaults suit a T4 Space
+    (16 GB GPU, 50 GB disk); each is a named setting (environment variables DPO_SPACE_<NAME>)."""
+
+    max_adapters: int = 8  # loaded in the chat model at once; the least recently used is unloaded, and reloaded later
+    runs_per_visitor: int = 3  # each visitor's newest finished runs stay on disk
+    disk_budget_mib: float = 2048.0  # all runs together; the oldest go first, never one in progress
+    max_queue: int = 8  # runs waiting for the trainer
+
+    @classmethod
+    def from_env(cls) -> Retention:
+        return cls(**{f: type(getattr(cls, f))(os.environ[f"DPO_SPACE_{f.upper()}"])
+                      for f in cls.__dataclass_fields__ if f"DPO_SPACE_{f.upper()}" in os.environ})
+
+
+def folder_mib(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20 if path.exists() else 0.0
+
+
+def is_finished_run(path: Path) -> bool:
+    return (not path.name.startswith(".") and path.is_dir() and (path / "adapter_config.json").exists()
+            and (path / "run.yaml").exists())
+
+
+def runs_to_evict(root: Path, retention: Retention, active: set[Path]) -> list[Path]:
+    """Finished runs the retention policy removes: beyond each visitor's newest `runs_per_visitor`, then the oldest
+    until all runs fit `disk_budget_mib`. A run in progress (`active`) is never one of them."""
+    runs = [run for visitor in sorted(root.glob("*")) if visitor.is_dir() for run in sorted(visitor.iterdir())
+            if is_finished_run(run)]  # a run's folder name starts with its time: sorted is oldest first
+    evict = []
+    by_visitor: dict[Path, list[Path]] = {}
+    for run in runs:
+        by_visitor.setdefault(run.parent, []).append(run)
+    for visitor_runs in by_visitor.values():
+        evict += [r for r in visitor_runs[: -retention.runs_per_visitor] if r not in active]
+    kept = sorted((r for r in runs if r not in evict), key=lambda r: r.name)
+    sizes = {r: folder_mib(r) for r in kept}
+    total = sum(sizes.values()) + sum(folder_mib(partial_dir(a)) for a in active)  # runs still being written
+    for run in kept:
+        if total <= retention.disk_budget_mib:
+            break
+        if run not in active:
+            evict.append(run)
+            total -= sizes[run]
+    return evict
+
+
+class RateLimit:
+    """At most `limit` events per visitor in any `window` seconds (a sliding window); the record of a visitor who has
+    not come back for a window is dropped."""
+
+    def __init__(self, limit: int, window: float, what: str):
+        self.limit, self.window, self.what = limit, window, what
+        self._events: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def check(self, visitor: str, now: float | None = None):
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            for key in [k for k, times in self._events.items() if times[-1] < now - self.window]:
+                del self._events[key]
+            recent = [t for t in self._events.get(visitor, []) if t >= now - self.window]
+            if len(recent) >= self.limit:
+                wait = recent[0] + self.window - now
+                raise DPOSpaceError(f"{self.what}: at most {self.limit} per {self.window / 60:g} minutes on the shared "
+                                    f"Space; try again in {wait:.0f} s (duplicate the Space to lift the cap)")
+            self._events[visitor] = recent + [now]
 
 
 @dataclass(frozen=True)
@@ -146,6 +220,8 @@ def describe_run(settings: RunSettings, hardware: models.Hardware, output_dir: s
         ran = yaml.safe_load(run_yaml.read_text(encoding="utf-8")) or {}
         device = "CPU" if ran.get("use_cpu") else hardware.name
         precision = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(ran.get("dtype"), settings.precision)
+        if settings.precision == "auto" and hardware.precision == "fp16" and precision == "fp32":
+            precision += " (the model overflowed in fp16 at load: fp32 compute)"
     else:
         device, precision = hardware.name, models.with_precision(hardware, settings.precision).precision
     weights = (f"4-bit {settings.bnb_4bit_quant_type}" + (" (double quant)" if settings.use_bnb_nested_quant else "")

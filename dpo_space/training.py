@@ -453,8 +453,8 @@ def train(
     if guard.bad_loss is not None:
         step, loss = guard.bad_loss
         raise TrainingError(
-            f"the loss became {loss} at step {step}; nothing was saved. Lower learning_rate, or use fp32/bf16 "
-            "instead of fp16"
+            f"the loss became {loss} at step {step}; nothing was saved. Lower learning_rate, or set precision to fp32 "
+            "(or bf16, on a GPU that has it) instead of fp16"
         )
 
     saved = None

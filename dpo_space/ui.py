@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from . import collapse, data, generation, memory, models, space, training
+from . import collapse, data, generation, gpu, memory, models, space, training
 from .errors import DataError, DPOSpaceError
 from .learn import LEARN_EN, LEARN_JA
 from .space import Limits
@@ -238,18 +238,6 @@ def problems_markdown(error: DataError) -> str:
     return "**The data was not changed.** Problems found:\n" + "\n".join(lines)
 
 
-def counter(progress, total: int, unit: str):
-    """An engine `progress(n)` hook (n more done) that moves a Gradio progress bar."""
-    done = 0
-
-    def tick(n: int):
-        nonlocal done
-        done += n
-        progress(done / total, desc=f"{done}/{total} {unit}")
-
-    return tick
-
-
 def load_example(name: str):
     pairs = data.read_preferences(EXAMPLES / EXAMPLE_FILES[name])
     return pairs.rows, rows_to_frame(pairs.rows), describe(pairs)
@@ -286,13 +274,11 @@ def download_dataset(rows: list[dict]) -> str:
 
 
 def build_extreme(bench: Workbench, limits: Limits, prompts_text: str, chosen: str,
-                  progress=gr.Progress()):
+                  progress=gr.Progress(track_tqdm=True)):
     prompts = [p.strip() for p in prompts_text.split("\n") if p.strip()][: limits.max_pairs]
     if not prompts or not chosen.strip():
-        raise gr.Error("Give at least one prompt and the fixed chosen answer.")
-    progress(0, desc="answering with the base model")
-    tick = counter(progress, len(prompts), "answered")
-    answers = bench.base_answers(prompts, generation.Sampling(), progress=tick)
+        raise DPOSpaceError("Give at least one prompt and the fixed chosen answer.")
+    answers = bench.base_answers(prompts, generation.Sampling())
     rows = [{"prompt": p, "chosen": chosen, "rejected": a} for p, a in zip(prompts, answers, strict=True)
             if a.strip() and a != chosen]
     pairs = data.validate_rows(rows, source="built", drop_invalid=True)
@@ -318,40 +304,51 @@ def gpu_memory_gib(hardware: models.Hardware) -> float | None:
 
 
 def memory_check(hardware: models.Hardware, model: str, settings: training.RunSettings) -> tuple[str, str | None]:
-    """(Markdown for the Train tab, warning or None): the estimated peak GPU memory of these settings, which of the
-    usual GPUs it fits, and on this machine's GPU a batch / accumulation / checkpointing that fits if it does not."""
-    preset = models.PRESETS.get(model)
-    shape = memory.shape_for(preset.model_id if preset else model)
-    if shape is None:
+    """(Markdown for the Train tab, warning or None): the estimated peak GPU memory of these settings with the Space's
+    chat copy beside the run, which of the usual GPUs hold both (or the run alone, chat paused while it trains), and on
+    this machine's GPU a batch / accumulation / checkpointing that fits if it does not."""
+    e = memory.settings_estimate(settings, model)
+    alone = memory.settings_estimate(settings, model, with_chat_copy=False)
+    if e is None:
         return "", None
-    sizes = dict(max_length=int(settings.max_length or 1024), load_in_4bit=settings.load_in_4bit,
-                 lora_r=settings.lora_r, lora_targets=tuple(settings.lora_target_modules))
-    e = memory.estimate(shape, batch=settings.per_device_train_batch_size,
-                        checkpointing=settings.gradient_checkpointing, **sizes)
     g = e.gib()
-    fits = " · ".join(f"{name} {'fits' if e.total <= gib * memory.GIB else 'too small'}"
-                      for name, gib in memory.GPUS.items())
-    text = (f"**Estimated peak GPU memory: {g['total']:.1f} GiB** (weights {g['weights']:.1f} · LoRA + optimizer "
-            f"{g['lora']:.2f} · activations {g['activations']:.1f} · LM head {g['head']:.1f} · CUDA + slack "
-            f"{g['overhead']:.1f}; gradient checkpointing {'on' if settings.gradient_checkpointing else 'off'}) — "
-            f"{fits}")
+
+    def verdict(gib: float) -> str:
+        return "fits" if e.total <= gib * memory.GIB else (
+            "fits with chat paused" if alone.total <= gib * memory.GIB else "too small")
+
+    fits = " · ".join(f"{name} {verdict(gib)}" for name, gib in memory.GPUS.items())
+    text = (f"**Estimated peak GPU memory: {g['total']:.1f} GiB** (training copy: weights {g['weights']:.1f} · LoRA + "
+            f"optimizer {g['lora']:.2f} · activations {g['activations']:.1f} · LM head {g['head']:.1f} · CUDA + slack "
+            f"{g['overhead']:.1f}; chat copy {g['chat']:.1f}; gradient checkpointing "
+            f"{'on' if settings.gradient_checkpointing else 'off'}) — {fits}")
     warning = None
     available = gpu_memory_gib(hardware)
-    if available is not None and e.total > available * memory.GIB:
-        p = memory.plan(shape, available, effective_batch=settings.per_device_train_batch_size
-                        * settings.gradient_accumulation_steps, **sizes)
+    if available is not None and alone.total > available * memory.GIB:
+        preset = models.PRESETS.get(model)
+        p = memory.plan(memory.shape_for(preset.model_id if preset else model), available,
+                        effective_batch=settings.per_device_train_batch_size * settings.gradient_accumulation_steps,
+                        max_length=int(settings.max_length or 1024), load_in_4bit=settings.load_in_4bit,
+                        lora_r=settings.lora_r, lora_targets=tuple(settings.lora_target_modules),
+                        with_chat_copy=False)  # chat pauses for a run that only fits alone
         advice = (f"try per_device_train_batch_size {p.batch} × gradient_accumulation_steps {p.accumulation}"
                   + (" with gradient checkpointing" if p.checkpointing else "")) if p.fits else \
             "lower max_length or pick a smaller model"
-        warning = (f"These settings need about {g['total']:.1f} GiB and this GPU has {available:.1f} GiB: the run "
-                   f"would likely stop with an out-of-memory error; {advice}.")
+        warning = (f"These settings need about {alone.gib()['total']:.1f} GiB and this GPU has {available:.1f} GiB: "
+                   f"the run would likely stop with an out-of-memory error; {advice}.")
         text += f"\n\n**Warning:** {warning}"
+    elif available is not None and e.total > available * memory.GIB:
+        text += f"\n\n**Note:** {gpu.SHARED_BASE}"
     return text, warning
 
 
-def start_run(bench: Workbench, limits: Limits, visitor, rows, model, max_pairs, probe, *values):
-    """Queue a run with the settings as shown, fitted into the caps here (each cap that applied is named)."""
+def start_run(bench: Workbench, limits: Limits, runs: space.RateLimit, visitor, rows, model, max_pairs, probe,
+              *values):
+    """Queue a run with the settings as shown, fitted into the caps here (each cap that applied is named). On ZeroGPU
+    the run trains right here, inside this request, so that the visitor's own GPU quota pays for it; the page's timer
+    follows it from disk meanwhile."""
     visitor = check_visitor(visitor)
+    runs.check(visitor)
     space.check_model(model, bench.hardware, bench.model_id)
     if not rows:
         raise DPOSpaceError("No data: pick an example or upload a file in the Data tab.")
@@ -365,7 +362,10 @@ def start_run(bench: Workbench, limits: Limits, visitor, rows, model, max_pairs,
     job = bench.submit(visitor, fitted.settings, pairs, probe=probe or None, sample_every=max(1, fitted.steps // 10))
     status = f"queued ({job.id}): {fitted.pairs} pairs, {fitted.steps} steps" + "".join(
         f" · {note}" for note in fitted.notes)
-    return status, gr.Timer(active=True)
+    yield status, gr.Timer(active=True)
+    if bench.inline:
+        bench.run(job)
+        yield f"{job.status}: {job.message}", gr.Timer(active=True)  # one more tick draws the end
 
 
 def stop_run(bench: Workbench, visitor):
@@ -435,21 +435,24 @@ def measures_markdown(text: str, reward: float | None) -> str:
     return " · ".join(parts)
 
 
-def compare(bench: Workbench, limits: Limits, visitor, prompt, base_history, dpo_history, temperature, top_p,
-            max_new_tokens, seed, system_prompt):
+def compare(bench: Workbench, limits: Limits, answers: space.RateLimit, visitor, prompt, base_history, dpo_history,
+            temperature, top_p, max_new_tokens, seed, system_prompt):
     """Stream the base answer, then the DPO answer, to the same prompt with the same seed; each side keeps its own
     conversation, and each answer's implicit reward is scored in its own conversation."""
     visitor = check_visitor(visitor)
+    answers.check(visitor)
     if not prompt or not prompt.strip():
         raise DPOSpaceError("Type a prompt first.")
     sampling = sampling_from(temperature, top_p, max_new_tokens, seed, system_prompt, limits)
-    has_dpo = bench.adapter_name(visitor) is not None
+    has_dpo = bench.run_dir(visitor) is not None
     histories = {"base": list(base_history or []) + [{"role": "user", "content": prompt}],
                  "dpo": list(dpo_history or []) + [{"role": "user", "content": prompt}]}
     for side, history in histories.items():
         history.append({"role": "assistant", "content": ""})
         if side == "dpo" and not has_dpo:
-            history[-1]["content"] = "(no DPO model yet: train one in the Train tab)"
+            job = bench.job(visitor)
+            history[-1]["content"] = f"({job.message})" if job is not None and job.status == "evicted" else \
+                "(no DPO model yet: train one in the Train tab)"
             break
         for text in bench.answer(visitor, history[:-1], sampling, dpo=side == "dpo"):
             history[-1]["content"] = text
@@ -463,17 +466,17 @@ def compare(bench: Workbench, limits: Limits, visitor, prompt, base_history, dpo
 SUMMARY_MEASURES = ("refusal_rate", "distinct_2", "repetition", "repetition_across")
 
 
-def evaluate(bench: Workbench, limits: Limits, visitor, prompts_text, temperature, top_p, max_new_tokens, seed,
-             system_prompt, progress=gr.Progress()):
+def evaluate(bench: Workbench, limits: Limits, answers: space.RateLimit, visitor, prompts_text, temperature, top_p,
+             max_new_tokens, seed, system_prompt, progress=gr.Progress(track_tqdm=True)):
     visitor = check_visitor(visitor)
+    answers.check(visitor)
     prompts = [p.strip() for p in (prompts_text or "").split("\n") if p.strip()]
     if not prompts:
         prompts = data.read_prompts(EXAMPLES / "wakarimasen_eval.json")
     capped = len(prompts) > limits.eval_prompts
     prompts = prompts[: limits.eval_prompts]
     sampling = sampling_from(temperature, top_p, max_new_tokens, seed, system_prompt, limits)
-    tick = counter(progress, 2 * len(prompts), "answers")
-    report = bench.evaluate(visitor, prompts, sampling, progress=tick)
+    report = bench.evaluate(visitor, prompts, sampling)
     table = pd.DataFrame([{
         "prompt": r["prompt"], "base": r["base"], "dpo": r["dpo"],
         "refusal (base / dpo)": f"{'yes' if r['base_measures']['refusal'] else 'no'} / "
@@ -493,16 +496,17 @@ def evaluate(bench: Workbench, limits: Limits, visitor, prompts_text, temperatur
     return table, text, chart, frame_to_csv(table, "evaluation.csv")
 
 
-def inspect_pairs(bench: Workbench, limits: Limits, visitor, rows, progress=gr.Progress()):
+def inspect_pairs(bench: Workbench, limits: Limits, answers: space.RateLimit, visitor, rows,
+                  progress=gr.Progress(track_tqdm=True)):
     """Per pair, the DPO model's log-probs and implicit rewards, formatted as the run trained them (its system
     prompt, its β)."""
     visitor = check_visitor(visitor)
+    answers.check(visitor)
     if not rows:
         raise DPOSpaceError("No data loaded.")
     capped = len(rows) > limits.inspect_pairs
     rows = rows[: limits.inspect_pairs]
-    tick = counter(progress, len(rows), "pairs")
-    report = bench.pair_report(visitor, rows, progress=tick)
+    report = bench.pair_report(visitor, rows)
     table = pd.DataFrame(report).round(3)
     right = sum(r["ranked_right"] for r in report) / len(report)
     cap = f" (the first {limits.inspect_pairs}: the cap here)" if capped else ""
@@ -521,12 +525,16 @@ def frame_to_csv(frame: pd.DataFrame, name: str) -> str:
 def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> gr.Blocks:
     if bench is None:
         hardware = models.detect_hardware()
-        bench = Workbench(os.environ.get("DPO_SPACE_MODEL") or models.default_model(hardware), hardware=hardware)
+        bench = Workbench(os.environ.get("DPO_SPACE_MODEL") or models.default_model(hardware),
+                          os.environ.get("DPO_SPACE_ROOT", "outputs/space"), hardware=hardware)
     limits = Limits.for_space(shared)
+    runs = space.RateLimit(limits.runs_per_hour, 3600, "runs")
+    answers = space.RateLimit(limits.answers_per_minute, 60, "answers (Compare, Evaluate, Inspect)")
     default_model = getattr(models.preset_for(bench.model_id), "key", models.EMBEDDED)
     defaults = dict(zip(SETTINGS, widget_values(training.RunSettings.for_model(default_model)), strict=True))
 
-    with gr.Blocks(title="DPO Space") as app:
+    # uploads and generated downloads (zips, CSVs) are removed after an hour, checked every hour
+    with gr.Blocks(title="DPO Space", delete_cache=(3600, 3600)) as app:
         visitor = gr.BrowserState(None, storage_key="dpo_space_visitor")
         rows = gr.State([])
         gr.Markdown("# DPO Space")
@@ -645,7 +653,8 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
         upload.upload(upload_file, [upload, rows], [rows, table, report], api_name="upload")
         table.input(apply_edits, [table, rows], [rows, report], api_name="edit")
         download.click(download_dataset, rows, download, api_name="download")
-        extreme_build.click(shown(lambda p, c, progress=gr.Progress(): build_extreme(bench, limits, p, c, progress)),
+        extreme_build.click(shown(lambda p, c, progress=gr.Progress(track_tqdm=True):
+                                  build_extreme(bench, limits, p, c, progress)),
                             [extreme_prompts, extreme_chosen], [rows, table, report], api_name="build_extreme")
 
         gr.on([recipe.change, model.change], recipe_values, [model, recipe], settings_widgets, api_name=False)
@@ -655,7 +664,7 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
             bench.hardware, model_key, training.RunSettings.for_model(model_key, **settings_values(values)))[0])
         gr.on([app.load, model.change, *(w.change for w in settings_widgets)], estimate_memory,
               [model, *settings_widgets], memory_estimate, api_name="memory", show_progress="hidden")
-        start.click(shown(lambda *a: start_run(bench, limits, *a)),
+        start.click(shown(lambda *a: (yield from start_run(bench, limits, runs, *a))),
                     [visitor, rows, model, max_pairs, probe, *settings_widgets], [status, timer], api_name="train")
         stop.click(shown(lambda v: stop_run(bench, v)), visitor, status, api_name="stop")
         outputs = [status, loss_plot, margin_plot, accuracy_plot, rewards_plot, samples, adapter_zip, run_yaml, replay,
@@ -666,20 +675,31 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
 
         sampling_inputs = [temperature, top_p, max_new, sample_seed, chat_system]
         for trigger, api_name in ((send.click, "compare"), (prompt.submit, False)):
-            trigger(shown(lambda *a: (yield from compare(bench, limits, *a))),
+            trigger(shown(lambda *a: (yield from compare(bench, limits, answers, *a))),
                     [visitor, prompt, base_chat, dpo_chat, *sampling_inputs],
                     [base_chat, dpo_chat, prompt, base_measures, dpo_measures], api_name=api_name)
         clear.click(lambda: ([], [], "", ""), None, [base_chat, dpo_chat, base_measures, dpo_measures],
                     api_name="clear")
-        run_eval.click(shown(lambda *a, progress=gr.Progress(): evaluate(bench, limits, *a, progress=progress)),
+        run_eval.click(shown(lambda *a, progress=gr.Progress(track_tqdm=True):
+                             evaluate(bench, limits, answers, *a, progress=progress)),
                        [visitor, eval_prompts, *sampling_inputs], [eval_table, eval_summary, eval_chart, eval_csv],
                        api_name="evaluate")
-        inspect.click(shown(lambda v, r, progress=gr.Progress(): inspect_pairs(bench, limits, v, r, progress)),
+        def health() -> str:  # for operators and bench/soak.py (gr.api reads the return type)
+            return json.dumps(bench.health())
+
+        gr.api(health, api_name="health")
+        inspect.click(shown(lambda v, r, progress=gr.Progress(track_tqdm=True):
+                            inspect_pairs(bench, limits, answers, v, r, progress)),
                       [visitor, rows], [inspect_table, inspect_summary, inspect_csv], api_name="inspect")
-    app.queue(default_concurrency_limit=4)
+    # a bounded line: past QUEUE_MAX_SIZE waiting events a visitor is told the Space is busy instead of piling up
+    app.queue(default_concurrency_limit=4, max_size=QUEUE_MAX_SIZE)
     return app
 
 
+QUEUE_MAX_SIZE = 64
+
+
 def launch(app: gr.Blocks, **kwargs):
-    """`app.launch` with the UI's translations (Japanese by default, English by the browser's language)."""
-    return app.launch(i18n=i18n, **kwargs)
+    """`app.launch` with the UI's translations (Japanese by default, English by the browser's language), and an upload
+    size cap that Gradio applies before it stores a file."""
+    return app.launch(i18n=i18n, max_file_size=data.Limits().max_bytes, **kwargs)

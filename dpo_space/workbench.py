@@ -1,9 +1,14 @@
-"""What the Space serves, without Gradio: one chat model with each visitor's adapter, one training at a time.
+"""What the Space serves, without Gradio: visitors, their runs and the line for the trainer, over the GPU calls of
+`gpu` (one chat model with each visitor's adapter loaded on demand).
 
-Training runs in a worker thread of the app process, on its own freshly loaded copy of the base model, and hands its
-result back through disk (the saved adapter, metrics.csv, samples.jsonl), exactly as it must on ZeroGPU, where the
-GPU function runs in a forked process. The chat model stays free for every visitor while a run trains, a crash in a
-run ends that run only, and a page that reloads finds its run again by the visitor's id.
+A run trains on its own freshly loaded copy of the base and hands its result back through disk (the saved adapter,
+metrics.csv, samples.jsonl), so the chat model stays free for every visitor while a run trains, a crash in a run ends
+that run only, and a page that reloads finds its run again by the visitor's id. Where the run executes is the one
+difference between the two worlds:
+- CPU or a dedicated GPU: one run at a time, in the Workbench's training thread; others wait in a bounded line;
+- ZeroGPU (`inline`): inside the visitor's own request (`run`), so that their GPU quota pays for it; ZeroGPU lends each
+  request its own GPU, so there is no line.
+State stays bounded (space.Retention): adapters loaded in the chat model, runs kept on disk and the records of them.
 """
 
 from __future__ import annotations
@@ -15,23 +20,39 @@ import shutil
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import spaces
-
+from . import gpu
 from .data import PreferenceData, read_preferences
 from .errors import DPOSpaceError
-from .generation import Sampling, evaluate, generate_batch, implicit_rewards, model_lock, pair_report, stream
-from .models import Hardware, detect_hardware, load_model
-from .training import (RunSettings, SampleTimeline, StopSignal, load_adapter, read_metrics, read_run_config, read_samples,
-                       train)
+from .generation import Sampling
+from .models import Hardware, detect_hardware
+from .space import Retention, is_finished_run, runs_to_evict
+from .training import RunSettings, StopSignal, read_metrics, read_run_config, read_samples
 
 log = logging.getLogger(__name__)
 
-
 VISITOR_ID = re.compile(r"^[a-f0-9]{32}$")
+EVICTED = ("your last run was removed to make room for others (the Space keeps each visitor's newest runs for a "
+           "while): train again in the Train tab")
+INTERRUPTED = "the app restarted while this run was training: start it again"
+
+
+def release_memory():
+    """Hand the memory a finished run freed back to the system. A run's base copy is allocated in the trainer thread's
+    own malloc arena, which glibc keeps mapped after the copy is freed: without this, the app's RSS grows with every
+    run (measured by bench/soak.py). A no-op where the C library is not glibc."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def new_visitor_id() -> str:
@@ -39,10 +60,16 @@ def new_visitor_id() -> str:
 
 
 def check_visitor(visitor: str) -> str:
-    """Visitor ids name folders and adapters, so only our own format is accepted."""
+    """Visitor ids name folders, so only our own format is accepted."""
     if not isinstance(visitor, str) or not VISITOR_ID.match(visitor):
         raise DPOSpaceError("unknown visitor: reload the page")
     return visitor
+
+
+def zero_gpu() -> bool:
+    from spaces.config import Config
+
+    return Config.zero_gpu
 
 
 @dataclass
@@ -53,7 +80,7 @@ class Job:
     data: PreferenceData
     probe: str | None = None
     sample_every: int = 5
-    status: str = "queued"  # queued → running → done | stopped | failed
+    status: str = "queued"  # queued → running → done | stopped | failed; or restored: interrupted | evicted
     message: str = ""
     created: float = field(default_factory=time.time)
     started: float | None = None
@@ -71,6 +98,11 @@ class Job:
     def active(self) -> bool:
         return self.status in ("queued", "running")
 
+    @property
+    def usable(self) -> bool:
+        """Its adapter answers in Compare: a finished run (or a stopped one, saved at its last step) still on disk."""
+        return self.status in ("done", "stopped", "interrupted") and is_finished_run(self.output_dir)
+
     def metrics(self) -> list[dict]:
         return read_metrics(self.output_dir)
 
@@ -80,137 +112,221 @@ class Job:
 
 class Workbench:
     def __init__(self, model_id: str, root: str | Path = "outputs/space", *, hardware: Hardware | None = None,
-                 load_in_4bit: bool | None = None, trust_remote_code: bool = False):
+                 load_in_4bit: bool | None = None, trust_remote_code: bool = False,
+                 retention: Retention | None = None, inline: bool | None = None):
         self.model_id = model_id
         self.root = Path(root)
         self.hardware = hardware or detect_hardware()
-        # the chat copy is loaded as the preset trains (4-bit nf4 by default), so the adapter meets the base it knows
-        self.load_in_4bit = RunSettings.for_model(model_id).load_in_4bit if load_in_4bit is None else load_in_4bit
         self.trust_remote_code = trust_remote_code
-        self._model = None
-        self.tokenizer = None
-        self._adapters: dict[str, str] = {}  # visitor → adapter folder loaded in the chat model
-        self._jobs: dict[str, Job] = {}  # visitor → their latest job
+        self.retention = retention or Retention.from_env()
+        # the chat copy is loaded as the preset trains (4-bit nf4 by default), so the adapter meets the base it knows;
+        # now, at start-up (on ZeroGPU: import time), never inside a GPU call
+        four_bit = RunSettings.for_model(model_id).load_in_4bit if load_in_4bit is None else load_in_4bit
+        self.chat = gpu.start(model_id, self.hardware, load_in_4bit=four_bit, trust_remote_code=trust_remote_code,
+                              max_adapters=self.retention.max_adapters)
+        self.inline = zero_gpu() if inline is None else inline
+        self._jobs: dict[str, Job] = {}  # visitor → their latest run; pruned with the runs retention removes
+        self._gone: OrderedDict[str, str] = OrderedDict()  # visitor → why their run is gone (bounded)
         self._unrestorable: set[Path] = set()  # old runs that failed to load: not retried on every status tick
         self._queue: queue.Queue[Job] = queue.Queue()
         self._order: list[Job] = []  # queued jobs, for positions
         self._lock = threading.Lock()
-        self._worker = threading.Thread(target=self._work, name="dpo-trainer", daemon=True)
-        self._worker.start()
+        if not self.inline:
+            threading.Thread(target=self._work, name="dpo-trainer", daemon=True).start()
 
-    # ---------------------------------------------------------------- the chat model
+    # ---------------------------------------------------------------- the chat model, per visitor
 
-    @property
-    def model(self):
-        with model_lock:
-            if self._model is None:
-                self._model, self.tokenizer = load_model(self.model_id, load_in_4bit=self.load_in_4bit,
-                                                         hardware=self.hardware,
-                                                         trust_remote_code=self.trust_remote_code)
-            return self._model
+    def run_dir(self, visitor: str) -> str | None:
+        """The run folder whose adapter answers this visitor in Compare, or None (no finished run)."""
+        job = self.job(visitor)
+        return str(job.output_dir) if job is not None and job.usable else None
 
     def adapter_name(self, visitor: str) -> str | None:
-        if visitor not in self._adapters:
-            self.job(visitor)  # a visitor from before a restart gets their finished run back
-        return f"v{visitor}" if visitor in self._adapters else None
+        run = self.run_dir(visitor)
+        return self.chat.adapter(run) if run else None
 
-    def _attach(self, visitor: str, adapter_dir: Path):
-        name = f"v{visitor}"
-        with model_lock:
-            model = self.model
-            if visitor in self._adapters:
-                model.delete_adapter(name)
-            self._model = load_adapter(model, adapter_dir, adapter_name=name)
-            self._adapters[visitor] = str(adapter_dir)
+    def _dpo_run(self, visitor: str) -> str:
+        run = self.run_dir(check_visitor(visitor))
+        if run is None:
+            job = self.job(visitor)
+            raise DPOSpaceError(job.message if job is not None and job.status == "evicted" else
+                                "no DPO model yet: train one in the Train tab first")
+        return run
 
-    # Everything that runs the chat model asks for a GPU: on ZeroGPU, CUDA exists only inside these calls.
-
-    @spaces.GPU(duration=60)
     def answer(self, visitor: str, conversation, sampling: Sampling, *, dpo: bool) -> Iterator[str]:
         """Stream one side of Compare: the base (every adapter off) or this visitor's DPO model."""
-        name = self._dpo_adapter(visitor) if dpo else None
-        model = self.model
-        yield from stream(model, self.tokenizer, conversation, sampling, use_adapter=dpo, adapter_name=name)
+        yield from gpu.answer(conversation, sampling, self._dpo_run(visitor) if dpo else None)
 
-    @spaces.GPU(duration=30)
-    def rewards(self, visitor: str, scored: list, system_prompt: str | None):
+    def rewards(self, visitor: str, scored: list, system_prompt: str | None) -> list[float | None]:
         """The implicit reward (β of the visitor's run) of each (conversation, answer) under their DPO model."""
-        name = self.adapter_name(check_visitor(visitor))
-        if name is None:
+        run = self.run_dir(check_visitor(visitor))
+        if run is None:
             return [None] * len(scored)
-        beta = self._jobs[visitor].settings.beta
-        return implicit_rewards(self.model, self.tokenizer, scored, beta, system_prompt, name)
+        return gpu.rewards(scored, self._jobs[visitor].settings.beta, system_prompt, run)
 
-    @spaces.GPU(duration=120)
-    def base_answers(self, prompts: list[str], sampling: Sampling, progress=None) -> list[str]:
-        """The base model's answers to many prompts (to build an extreme dataset the seed's way)."""
-        return generate_batch(self.model, self.tokenizer, prompts, sampling, use_adapter=False, batch_size=8,
-                              progress=progress)
+    def base_answers(self, prompts: list[str], sampling: Sampling) -> list[str]:
+        return gpu.base_answers(prompts, sampling)
 
-    @spaces.GPU(duration=120)
-    def evaluate(self, visitor: str, prompts: list[str], sampling: Sampling, progress=None) -> dict:
-        name = self._dpo_adapter(visitor)
-        return evaluate(self.model, self.tokenizer, prompts, sampling, adapter_name=name, progress=progress)
+    def evaluate(self, visitor: str, prompts: list[str], sampling: Sampling) -> dict:
+        return gpu.evaluate(prompts, sampling, self._dpo_run(visitor))
 
-    @spaces.GPU(duration=120)
-    def pair_report(self, visitor: str, rows: list[dict], progress=None) -> list[dict]:
+    def pair_report(self, visitor: str, rows: list[dict]) -> list[dict]:
         """Each pair scored as the visitor's run trained it: its β and its system prompt."""
-        name = self._dpo_adapter(visitor)
+        run = self._dpo_run(visitor)
         settings = self._jobs[visitor].settings
-        return pair_report(self.model, self.tokenizer, rows, settings.beta, settings.system_prompt,
-                           adapter_name=name, progress=progress)
+        return gpu.pair_report(rows, settings.beta, settings.system_prompt, run)
 
-    def _dpo_adapter(self, visitor: str) -> str:
-        name = self.adapter_name(check_visitor(visitor))
-        if name is None:
-            raise DPOSpaceError("no DPO model yet: train one in the Train tab first")
-        return name
-
-    # ---------------------------------------------------------------- training, one at a time
+    # ---------------------------------------------------------------- runs
 
     def submit(self, visitor: str, settings: RunSettings, data: PreferenceData, *, probe: str | None = None,
                sample_every: int = 5) -> Job:
+        """A run for this visitor: in line for the training thread, or, inline (ZeroGPU), ready for `run` to train in
+        the visitor's own request."""
         check_visitor(visitor)
         settings.check()
         with self._lock:
             current = self._jobs.get(visitor)
             if current is not None and current.active:
                 raise DPOSpaceError("you already have a run in progress: stop it or wait for it to finish")
+            waiting = sum(j.status == "queued" for j in self._order)
+            if not self.inline and waiting >= self.retention.max_queue:
+                raise DPOSpaceError(f"the line for training is full ({waiting} runs waiting, max_queue "
+                                    f"{self.retention.max_queue}): try again in a few minutes")
             job_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
             settings.output_dir = str(self.root / visitor / job_id)
             job = Job(job_id, visitor, settings, data, probe, sample_every)
             self._jobs[visitor] = job
+            self._gone.pop(visitor, None)
             self._order.append(job)
-        self._queue.put(job)
+        if not self.inline:
+            self._queue.put(job)
         return job
+
+    def run(self, job: Job) -> Job:
+        """Train a submitted run here and now (ZeroGPU: inside the visitor's request, their quota)."""
+        try:
+            if job.stop.is_set():
+                job.status, job.message = "stopped", "stopped before it started"
+            else:
+                self._run(job)
+        finally:
+            job.stop.path.unlink(missing_ok=True)
+            with self._lock:
+                if job in self._order:
+                    self._order.remove(job)
+        return job
+
+    def _work(self):
+        while True:
+            self.run(self._queue.get())
+
+    def _run(self, job: Job):
+        job.status, job.started = "running", time.time()
+        status, message = "failed", "the run ended unexpectedly"
+        try:
+            gpu.train_run(job.settings, job.data, str(job.stop.path), job.probe, job.sample_every, self.hardware,
+                          self.shares_base(job.settings))
+            status = "stopped" if job.stop.is_set() else "done"
+            message = f"saved to {job.output_dir}"
+        except DPOSpaceError as e:
+            message = str(e)
+        except Exception as e:  # a crash in a run ends that run, never the app
+            message = f"{type(e).__name__}: {e}"
+        finally:
+            self.housekeeping()  # while this run still counts as active: what anyone sees next is the policy's result
+            release_memory()
+            job.finished = time.time()
+            job.status, job.message = status, message
 
     def job(self, visitor: str) -> Job | None:
         job = self._jobs.get(visitor)
         if job is None and isinstance(visitor, str) and VISITOR_ID.match(visitor):
             job = self._restore(visitor)
+        # a finished run whose folder went (by hand: retention forgets its own evictions as it makes them)
+        if job is not None and job.status in ("done", "interrupted") and job.id != "interrupted" \
+                and not job.output_dir.exists():
+            self._forget_job(visitor, EVICTED)  # removed by retention (or by hand) since
+            job = self._jobs.get(visitor) or self._restore(visitor)
         return job
 
     def _restore(self, visitor: str) -> Job | None:
-        """After a restart: the visitor's newest finished run on disk. A run killed mid-save is never served: until its
-        final rename it lives in a hidden `.partial` folder, which is skipped here."""
-        finished = sorted(p for p in (self.root / visitor).glob("[!.]*")
-                          if (p / "adapter_config.json").exists() and (p / "run.yaml").exists())
-        if not finished or finished[-1] in self._unrestorable:
+        """A visitor the app holds no record of: one whose run was removed (told so), or one from before a restart,
+        who gets their newest finished run back from disk. A run killed while saving is never served (until its final
+        rename it lives in a hidden `.partial` folder); one that was training when the app stopped is reported as
+        interrupted, and the finished run before it, if any, still answers."""
+        if visitor in self._gone:
+            return Job("gone", visitor, RunSettings(), PreferenceData([]), status="evicted", message=self._gone[visitor])
+        folder = self.root / visitor
+        finished = sorted(p for p in folder.glob("[!.]*") if is_finished_run(p))
+        partial = sorted(p for p in folder.glob(".*.partial") if p.is_dir())
+        interrupted = partial and (not finished or partial[-1].name[1:] > finished[-1].name)
+        if interrupted:
+            shutil.rmtree(partial[-1], ignore_errors=True)
+        job = self._finished_job(visitor, finished[-1]) if finished else None
+        if interrupted:
+            job = job or Job("interrupted", visitor, RunSettings(output_dir=str(folder / partial[-1].name[1:-8])),
+                             PreferenceData([]))
+            job.status = "interrupted"
+            job.message = INTERRUPTED + (f" (your run before it, {job.id}, still answers)" if finished else "")
+        return self._remember(job) if job is not None else None
+
+    def _finished_job(self, visitor: str, run: Path) -> Job | None:
+        if run in self._unrestorable:
             return None
-        run = finished[-1]  # job ids start with their time
         try:
             values, _ = read_run_config(run / "run.yaml")
             settings = RunSettings.from_dict({**values, "output_dir": str(run)})
             pairs = read_preferences(run / "train.json") if (run / "train.json").exists() else PreferenceData([])
-            self._attach(visitor, run)
         except Exception as e:  # noqa: BLE001 - an unreadable old run is skipped, never a crash of the page
             log.warning("could not restore %s: %s", run, e)
             self._unrestorable.add(run)
             return None
-        job = Job(run.name, visitor, settings, pairs, status="done", message=f"restored from {run}")
+        return Job(run.name, visitor, settings, pairs, status="done", message=f"restored from {run}")
+
+    def _remember(self, job: Job) -> Job:
         with self._lock:
-            self._jobs.setdefault(visitor, job)
-        return self._jobs[visitor]
+            return self._jobs.setdefault(job.visitor, job)
+
+    def _forget_job(self, visitor: str, why: str):
+        with self._lock:
+            self._jobs.pop(visitor, None)
+            self._gone[visitor] = why
+            while len(self._gone) > 10_000:
+                self._gone.popitem(last=False)
+
+    def housekeeping(self) -> list[Path]:
+        """Apply the retention policy: remove the runs it evicts (never one in progress) with their zips, unload their
+        adapters and drop their records; their visitors are told on their next visit. Returns what was removed."""
+        with self._lock:
+            active = {j.output_dir for j in self._jobs.values() if j.active}
+        evicted = runs_to_evict(self.root, self.retention, active)
+        for run in evicted:
+            self.chat.forget(run)
+            shutil.rmtree(run, ignore_errors=True)
+            run.with_name(f"{run.name}-adapter.zip").unlink(missing_ok=True)
+            if not any(run.parent.iterdir()):  # nothing of this visitor's is left: no empty folder either
+                run.parent.rmdir()
+            job = self._jobs.get(run.parent.name)
+            if job is not None and job.output_dir == run:
+                self._forget_job(run.parent.name, EVICTED)
+        return evicted
+
+    def shares_base(self, settings: RunSettings) -> bool:
+        """Whether a run must borrow the chat model's base (chat paused meanwhile): on a GPU that holds the run beside
+        the chat copy by the memory planner's estimate, no; on one that holds the run alone, yes (an 8B model on a
+        16 GB T4). Never on ZeroGPU, where each call has a GPU of its own."""
+        from . import memory
+
+        if self.inline or self.hardware.device != "cuda":
+            return False
+        return not memory.fits_beside_chat(settings, self.model_id, memory.gpu_gib())
+
+    def health(self) -> dict:
+        """Counts an operator watches: what the retention policy bounds."""
+        with self._lock:
+            return {"adapters_loaded": len(self.chat.loaded), "visitor_records": len(self._jobs),
+                    "gone_records": len(self._gone), "queued": sum(j.status == "queued" for j in self._order),
+                    "running": sum(j.status == "running" for j in self._order)}
 
     def position(self, job: Job) -> int:
         """1 for next in line, 2 after that...; 0 once it runs or has ended."""
@@ -225,45 +341,10 @@ class Workbench:
         job.stop.set()
         return True
 
-    def _work(self):
-        while True:
-            job = self._queue.get()
-            if job.stop.is_set():
-                job.status, job.message = "stopped", "stopped before it started"
-            else:
-                self._run(job)
-            with self._lock:
-                self._order.remove(job)
-
-    def _run(self, job: Job):
-        job.status, job.started = "running", time.time()
-        try:
-            result = run_training(job.settings, job.data, job.stop, job.probe, job.sample_every,
-                                  self.hardware)
-            self._attach(job.visitor, result)
-            job.status = "stopped" if job.stop.is_set() else "done"
-            job.message = f"saved to {result}"
-        except DPOSpaceError as e:
-            job.status, job.message = "failed", str(e)
-        except Exception as e:  # a crash in a run ends that run, never the app
-            job.status, job.message = "failed", f"{type(e).__name__}: {e}"
-        finally:
-            job.finished = time.time()
-
     def forget(self, visitor: str):
-        """Drop a visitor's adapter and files (used by tests and housekeeping)."""
-        with model_lock:
-            if visitor in self._adapters:
-                self._model.delete_adapter(f"v{visitor}")
-                del self._adapters[visitor]
+        """Drop a visitor's adapter, files and record (tests and housekeeping)."""
+        job = self._jobs.pop(visitor, None)
+        if job is not None:
+            self.chat.forget(job.output_dir)
         shutil.rmtree(self.root / visitor, ignore_errors=True)
 
-
-@spaces.GPU(duration=300)  # ZeroGPU lends a GPU for the call; elsewhere a no-op
-def run_training(settings: RunSettings, data: PreferenceData, stop: StopSignal, probe: str | None,
-                 sample_every: int, hardware: Hardware) -> Path:
-    """One run on a fresh copy of the base; returns the saved run folder. The GPU-bound part of the Space."""
-    callbacks = [SampleTimeline(probe, sample_every)] if probe else []
-    result = train(settings, data, stop=stop, callbacks=callbacks, hardware=hardware)
-    del result.model
-    return result.output_dir

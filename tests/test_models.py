@@ -92,3 +92,74 @@ def test_the_app_serves_a_real_model_on_a_gpu_and_the_embedded_one_on_a_cpu():
     assert default_model(Hardware("cpu", "CPU", "fp32")) == EMBEDDED
     gpu = default_model(Hardware("cuda", "Tesla T4", "fp16"))
     assert PRESETS[gpu].needs_gpu and "/" in PRESETS[gpu].model_id  # a Hub id, loaded with from_pretrained
+
+
+def test_each_rank_places_its_model_on_its_own_gpu(tmp_path):
+    """Under torchrun every process loads onto the GPU of its LOCAL_RANK (accelerate's local_process_index), not all
+    onto cuda:0: two processes over gloo, each printing the placement it would ask for."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    script = tmp_path / "placement.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "from dpo_space.models import Hardware, device_map\n"
+        "placed = {'rank': int(os.environ['RANK']), 'map': device_map(Hardware('cuda', 'GPU', 'bf16'), True)}\n"
+        "sys.stdout.write(json.dumps(placed) + '\\n')\n",
+        encoding="utf-8")
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", str(script)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    placed = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
+                    key=lambda p: p["rank"])
+    assert placed == [{"rank": 0, "map": {"": 0}}, {"rank": 1, "map": {"": 1}}]
+
+
+def test_fp16_that_overflows_at_load_falls_back_to_fp32_compute(tiny_model_dir, tmp_path, monkeypatch):
+    """On a GPU without bf16 (a T4), "auto" checks fp16 with one forward pass at load and, when the logits are not
+    finite, reloads with fp32 compute and says why; a model that stays finite keeps fp16, and fp16 asked by name is
+    kept as asked. Run on the CPU (which can compute in fp16) with a model made to overflow: weights beyond fp16's
+    range."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpo_space import models
+
+    overflowing = tmp_path / "overflow"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(1e7)  # ~2e5: inf in fp16 (max 65504)
+    model.save_pretrained(overflowing)
+    models.load_tokenizer(str(tiny_model_dir)).save_pretrained(overflowing)
+    monkeypatch.setattr(models, "device_map", lambda hardware, four_bit: None)  # a "cuda" card, placed on the CPU
+    t4 = models.Hardware("cuda", "Tesla T4", "fp16")
+
+    model, _, used = models.load_for_run(str(overflowing), "auto", t4, load_in_4bit=False)
+    assert used.precision == "fp32" and "fp16 overflowed" in used.note and model.dtype == torch.float32
+    model, _, used = models.load_for_run(str(tiny_model_dir), "auto", t4, load_in_4bit=False)
+    assert used.precision == "fp16" and model.dtype == torch.float16
+    _, _, used = models.load_for_run(str(overflowing), "fp16", t4, load_in_4bit=False)
+    assert used.precision == "fp16"  # asked for by name: the user's choice, no check
+
+
+def test_precision_by_name_is_refused_where_the_hardware_lacks_it(monkeypatch):
+    import pytest
+
+    from dpo_space import models
+    from dpo_space.errors import DPOSpaceError
+
+    cpu = models.Hardware("cpu", "CPU", "fp32")
+    assert models.with_precision(cpu, "auto") == cpu and models.with_precision(cpu, "bf16").precision == "bf16"
+    with pytest.raises(DPOSpaceError, match="precision: fp16 needs a GPU"):
+        models.with_precision(cpu, "fp16")
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    with pytest.raises(DPOSpaceError, match="Tesla T4 has no native bf16"):
+        models.with_precision(models.Hardware("cuda", "Tesla T4", "fp16"), "bf16")

@@ -55,6 +55,14 @@ TRAIN_ARGS = dict(model=models.EMBEDDED, max_pairs=32, probe="人はどんなこ
                   **SETTING_VALUES)
 
 
+NO_RATE_LIMIT = __import__("dpo_space.space").space.RateLimit(10**6, 3600, "calls")  # handlers called directly
+
+
+def first(updates):
+    """The first update a generator handler yields (start_run queues the run, then returns on a thread-run Space)."""
+    return next(iter(updates))
+
+
 def text_of(message) -> str:
     content = message["content"]
     return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
@@ -266,13 +274,14 @@ def test_runs_from_the_space_never_trust_remote_code(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "submit", lambda visitor, settings, pairs, **kw: submitted.append(settings) or
                         type("J", (), {"id": "x"})())
     rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(4)]
-    ui.start_run(bench, ui.Limits.for_space(True), new_visitor_id(), rows, *TRAIN_ARGS.values())
+    shared = ui.Limits.for_space(True)
+    first(ui.start_run(bench, shared, NO_RATE_LIMIT, new_visitor_id(), rows, *TRAIN_ARGS.values()))
     assert submitted and submitted[0].trust_remote_code is False
     assert bench.trust_remote_code is False
 
     args = dict(TRAIN_ARGS, model="someone/model-with-its-own-code")  # only the listed models are accepted
     with pytest.raises(DPOSpaceError, match="Unknown model 'someone/model-with-its-own-code'"):
-        ui.start_run(bench, ui.Limits.for_space(True), new_visitor_id(), rows, *args.values())
+        first(ui.start_run(bench, shared, NO_RATE_LIMIT, new_visitor_id(), rows, *args.values()))
     assert all(not p.settings.get("trust_remote_code") for p in models.PRESETS.values())
 
 
@@ -294,7 +303,8 @@ def test_every_visitor_size_is_capped_by_name_on_the_shared_space_and_a_cap_neve
 
     def start(n_rows=800, **over):
         values = {**TRAIN_ARGS, "max_pairs": 800, **over}
-        status, _ = ui.start_run(bench, limits, new_visitor_id(), rows[:n_rows], *values.values())
+        status, _ = first(ui.start_run(bench, limits, NO_RATE_LIMIT, new_visitor_id(), rows[:n_rows],
+                                       *values.values()))
         return status, runs[-1][0], len(runs[-1][1])
 
     status, settings, n = start(per_device_train_batch_size=1, num_train_epochs=3)
@@ -319,8 +329,8 @@ def test_every_offered_recipe_starts_on_the_shared_space_as_the_recipe_says(tmp_
     rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(650)]
     for recipe in ui.RECIPE_LABELS:
         values = [v["value"] if isinstance(v, dict) else v for v in ui.recipe_values(models.EMBEDDED, recipe)]
-        status, _ = ui.start_run(bench, ui.Limits.for_space(True), new_visitor_id(), rows, models.EMBEDDED, 650,
-                                 "", *values)
+        status, _ = first(ui.start_run(bench, ui.Limits.for_space(True), NO_RATE_LIMIT, new_visitor_id(), rows,
+                                       models.EMBEDDED, 650, "", *values))
         expected = training.RunSettings.for_model(models.EMBEDDED, **training.RECIPES[recipe])
         ran = runs[-1][0]
         for name in ui.SETTINGS:
@@ -392,6 +402,9 @@ def test_compare_scores_each_answer_in_its_own_conversation_from_the_second_turn
         def adapter_name(self, visitor):
             return "v"
 
+        def run_dir(self, visitor):
+            return "/runs/v"
+
         def answer(self, visitor, conversation, sampling, *, dpo):
             yield "DPOの答え" if dpo else "ベースの答え"
 
@@ -402,7 +415,7 @@ def test_compare_scores_each_answer_in_its_own_conversation_from_the_second_turn
     visitor = new_visitor_id()
     base = [{"role": "user", "content": "一問目"}, {"role": "assistant", "content": "ベースの一答目"}]
     dpo = [{"role": "user", "content": "一問目"}, {"role": "assistant", "content": "分かりません。"}]
-    *_, last = ui.compare(Bench(), ui.Limits(), visitor, "二問目", base, dpo, 0.6, 0.9, 32, 0, "")
+    *_, last = ui.compare(Bench(), ui.Limits(), NO_RATE_LIMIT, visitor, "二問目", base, dpo, 0.6, 0.9, 32, 0, "")
     (base_conv, base_answer), (dpo_conv, dpo_answer) = Bench.scored
     assert base_conv[1]["content"] == "ベースの一答目" and base_answer == "ベースの答え"
     assert dpo_conv[1]["content"] == "分かりません。" and dpo_answer == "DPOの答え"
@@ -420,10 +433,9 @@ def test_the_inspector_formats_pairs_as_the_run_trained_them(tmp_path, monkeypat
     visitor = new_visitor_id()
     settings = RunSettings.for_model(models.EMBEDDED, system_prompt="走ったときの指示", beta=0.3)
     bench._jobs[visitor] = Job("run", visitor, settings, data.PreferenceData([]), status="done")
-    monkeypatch.setattr(bench, "adapter_name", lambda v: "v" + v)
+    monkeypatch.setattr(bench, "_dpo_run", lambda v: "/runs/" + v)
     calls = []
-    monkeypatch.setattr(workbench, "pair_report", lambda model, tok, rows, beta, system_prompt, **kw:
-                        calls.append((beta, system_prompt)) or [])
-    monkeypatch.setattr(Workbench, "model", property(lambda self: None))
+    monkeypatch.setattr(workbench.gpu, "pair_report", lambda rows, beta, system_prompt, run_dir:
+                        calls.append((beta, system_prompt, run_dir)) or [])
     bench.pair_report(visitor, [{"prompt": "q", "chosen": "a", "rejected": "b"}])
-    assert calls == [(0.3, "走ったときの指示")]
+    assert calls == [(0.3, "走ったときの指示", "/runs/" + visitor)]

@@ -1,0 +1,21 @@
+"""A dozen visitors against the real app (bench/soak.py, small): every one trains, chats and evaluates without an
+error; retention evicts runs and the early visitors are told so; the chat model never holds more adapters than its
+cap, and the runs' folder stays within the disk budget. The 60-visitor figures are in BENCHMARKS.md."""
+
+import sys
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def test_a_dozen_visitors_leave_the_space_bounded():
+    import soak
+
+    budget, cap = 3.0, 4
+    result = soak.run(visitors=12, at_once=3, pairs=8, minutes=10, disk_budget_mib=budget, max_adapters=cap)
+    assert result["errors"] == []  # the early visitors' "removed to make room" is checked inside, as an error if not
+    assert result["runs"] == 12
+    assert result["max_adapters_seen"] <= cap
+    _, disk_end, _ = result["last"]
+    assert disk_end <= budget + 1.0  # the budget, plus at most the run still being written when it was measured
