@@ -19,6 +19,9 @@ GREEDY = Sampling(temperature=0, max_new_tokens=12)
 SAMPLED = Sampling(temperature=0.9, max_new_tokens=12, seed=5)
 
 
+CALL_TIMEOUT = 300
+
+
 def _child(connection, payload):
     # GNU OpenMP's thread pool does not survive fork: bitsandbytes' CPU 4-bit kernel would spin on the parent's pool.
     # One thread in the child (on ZeroGPU the 4-bit kernels are CUDA's, and no OpenMP pool is involved).
@@ -45,8 +48,11 @@ def forked(fn, *args, **kwargs):
     process = context.Process(target=_child, args=(child, payload))
     process.start()
     child.close()
+    if not parent.poll(CALL_TIMEOUT):  # a child stuck (a lock held at fork time) fails the test, never hangs it
+        process.kill()
+        raise AssertionError(f"the forked call {fn.__name__} did not return within {CALL_TIMEOUT} s")
     status, result = pickle.loads(parent.recv_bytes())
-    process.join(timeout=300)
+    process.join(timeout=60)
     assert status == "ok", result
     return result
 
