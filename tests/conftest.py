@@ -8,9 +8,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at test time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# MKL's own allocator is not fork-safe: a child forked while other threads had used it (tests/test_zerogpu.py, after
-# the suite's trainer and streaming threads) spins in mkl_serv_allocate. Plain malloc instead; set before torch loads.
-os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
 
 from dpo_space.data import SEED_REFUSAL, validate_rows  # noqa: E402
 
