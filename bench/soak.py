@@ -32,6 +32,7 @@ from load import PROMPTS, SYSTEM, free_port, percentile, start_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from dpo_space.space import folder_mib  # noqa: E402  (what the retention policy itself counts)
 
 
 def rss_mib(pid: int) -> float:
@@ -39,10 +40,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def disk_mib(folder: Path) -> float:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20 if folder.exists() else 0.0
 
 
 class Soak:
@@ -181,7 +178,7 @@ def run(visitors: int, at_once: int, pairs: int, minutes: float, disk_budget_mib
                     t.start()
                 for t in wave:
                     t.join(timeout=max(1.0, soak.deadline - time.time()))
-                sample = (rss_mib(proc.pid), disk_mib(runs_dir), health(watcher)["adapters_loaded"])
+                sample = (rss_mib(proc.pid), folder_mib(runs_dir), health(watcher)["adapters_loaded"])
                 samples.append(sample)
                 first = first or sample  # after the warm-up wave
                 if time.time() > soak.deadline:
@@ -192,7 +189,7 @@ def run(visitors: int, at_once: int, pairs: int, minutes: float, disk_budget_mib
             statuses = [soak.come_back(v, n) for n, v in enumerate(soak.visitors[:3])]
             if not any("removed to make room" in s for s in statuses):
                 soak.error(-1, f"no early visitor was told their run was evicted: {statuses}")
-            last = (rss_mib(proc.pid), disk_mib(runs_dir), health(watcher)["adapters_loaded"])
+            last = (rss_mib(proc.pid), folder_mib(runs_dir), health(watcher)["adapters_loaded"])
         finally:
             proc.terminate()
             proc.wait(timeout=30)

@@ -166,7 +166,8 @@ def seed_split(rows: list[dict], n_train: int = 650, n_eval: int = 40, seed: int
 
 def excluded_from_sft(rows: list[dict]) -> set[str]:
     """Every question the SFT must never see: held-out sets, and the seed's evaluation prompts in all their wordings."""
-    _, eval_rows = seed_split([r for r in rows if r in seed_rows()])
+    seeds = {r["prompt"] for r in seed_rows()}  # read once, not once per row
+    _, eval_rows = seed_split([r for r in rows if r["prompt"] in seeds])
     out = {corpus.key(v) for r in eval_rows for v in corpus.variants(r)}
     for name in ("unseen", "paraphrases"):
         out |= {corpus.key(r["prompt"]) for r in heldout(name)}

@@ -42,9 +42,10 @@ INTERRUPTED = "the app restarted while this run was training: start it again"
 
 
 def release_memory():
-    """Hand the memory a finished run freed back to the system. A run's base copy is allocated in the trainer thread's
-    own malloc arena, which glibc keeps mapped after the copy is freed: without this, the app's RSS grows with every
-    run (measured by bench/soak.py). A no-op where the C library is not glibc."""
+    """Hand the memory a finished run freed back to the system: a run's base copy is allocated in the trainer thread's
+    own malloc arena, which glibc may keep mapped after the copy is freed. It did not change the RSS growth that
+    bench/soak.py measures (about 4 MiB a visitor, cause still unknown; BENCHMARKS.md). A no-op where the C library is
+    not glibc."""
     import ctypes
     import gc
 
@@ -242,10 +243,10 @@ class Workbench:
         job = self._jobs.get(visitor)
         if job is None and isinstance(visitor, str) and VISITOR_ID.match(visitor):
             job = self._restore(visitor)
-        # a finished run whose folder went (by hand: retention forgets its own evictions as it makes them)
+        # a finished run whose folder went by hand (retention forgets its own evictions as it makes them)
         if job is not None and job.status in ("done", "interrupted") and job.id != "interrupted" \
                 and not job.output_dir.exists():
-            self._forget_job(visitor, EVICTED)  # removed by retention (or by hand) since
+            self._forget_job(visitor, EVICTED)
             job = self._jobs.get(visitor) or self._restore(visitor)
         return job
 
