@@ -1,5 +1,7 @@
-"""Measures of generated text: mode collapse (repetition, distinct-n, refusals, length) and plain quality (rare
-kanji, staying on topic, closeness to a reference answer).
+"""Measures of generated text: mode collapse (repetition, distinct-n, refusals, length; and as the research field
+measures it: EAD, Self-BLEU, diversity over several samples of one prompt) and plain quality (rare kanji, staying on
+topic, closeness to a reference answer). The model-side measures (token entropy, the log-prob gap to the reference)
+need the model: see `generation.policy_stats`.
 
 Japanese has no spaces, so n-grams are over characters (whitespace removed): a model stuck on
 「人生の、人生の、人生の」 repeats character trigrams just as an English one repeats word trigrams.
@@ -12,6 +14,8 @@ import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass
 from statistics import mean
+
+from sacrebleu.metrics import BLEU
 
 # "I don't know" in Japanese, in every spelling: 分/判/解 or kana, okurigana or none, polite or plain, katakana and
 # half-width too (matched after NFKC and katakana → hiragana). A refusal closes its clause: 「分かりませんが、…」 goes on to
@@ -43,6 +47,47 @@ def distinct_n(texts: str | list[str], n: int) -> float:
     is the far end of collapse, not the freshest text there is."""
     grams = [g for t in ([texts] if isinstance(texts, str) else texts) for g in ngrams(t, n)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+# The vocabulary EAD assumes for characters: JIS X 0208's 6,879 characters (kana, both levels of kanji, symbols),
+# what everyday Japanese is written in.
+CHARACTER_VOCABULARY = 6879
+
+
+def ead(texts: str | list[str], n: int = 2, vocab_size: int = CHARACTER_VOCABULARY) -> float:
+    """Expectation-adjusted distinct-n (Liu et al., 2022): the distinct n-grams over the number expected if the C
+    n-grams were drawn uniformly from a vocabulary of V, V·(1 − ((V−1)/V)^C). Distinct-n falls as answers grow
+    longer even when they say new things; EAD corrects for that, so sets of different lengths compare fairly.
+    Text too short to hold an n-gram scores 0, as for distinct-n."""
+    grams = [g for t in ([texts] if isinstance(texts, str) else texts) for g in ngrams(t, n)]
+    if not grams:
+        return 0.0
+    expected = vocab_size * (1 - ((vocab_size - 1) / vocab_size) ** len(grams))
+    return len(set(grams)) / expected
+
+
+_BLEU = BLEU(tokenize="char", effective_order=True)  # characters: Japanese has no spaces to split words at
+
+
+def self_bleu(texts: list[str]) -> float:
+    """Self-BLEU (Zhu et al., 2018), 0–1: the mean BLEU of each text against all the others as references. Near 1 when
+    every answer is the same sentence (collapse), near 0 when they share little. Character n-grams up to 4 (sacrebleu,
+    exponential smoothing). Fewer than two non-empty texts: 0, nothing to repeat."""
+    texts = [t for t in texts if t.strip()]
+    if len(texts) < 2:
+        return 0.0
+    return mean(_BLEU.sentence_score(t, texts[:i] + texts[i + 1 :]).score / 100 for i, t in enumerate(texts))
+
+
+def sample_diversity(samples: list[list[str]]) -> dict:
+    """Per-prompt diversity (Kirk et al., 2023): for each prompt, how different its K samples are from each other
+    (EAD-2 and Self-BLEU among the K), averaged over the prompts. A model that says the same thing to one prompt
+    however often it is asked has collapsed even if different prompts get different answers."""
+    groups = [g for g in samples if g]
+    if not groups:
+        return {"prompts": 0, "k": 0, "ead_2": 0.0, "self_bleu": 0.0}
+    return {"prompts": len(groups), "k": max(map(len, groups)), "ead_2": mean(ead(g, 2) for g in groups),
+            "self_bleu": mean(self_bleu(g) for g in groups)}
 
 
 def repeated_ngram_share(texts: str | list[str], n: int = 3) -> float:
@@ -143,6 +188,8 @@ class SetMeasures:
     repetition: float  # mean per text: answers that loop
     repetition_across: float  # pooled over the set: answers that repeat each other (mode collapse)
     mean_length: float
+    ead_2: float = 0.0  # expectation-adjusted distinct-2 over the set
+    self_bleu: float = 0.0  # answers against each other: near 1 when all say the same
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -160,4 +207,6 @@ def summarize(texts: list[str], phrases: tuple[str, ...] | None = REFUSAL_PHRASE
         repetition=mean(m.repetition for m in per),
         repetition_across=repeated_ngram_share(texts, 3),
         mean_length=mean(m.length for m in per),
+        ead_2=ead(texts, 2),
+        self_bleu=self_bleu(texts),
     )

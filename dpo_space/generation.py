@@ -11,7 +11,7 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from peft import PeftModel
@@ -19,7 +19,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, TextIteratorStrea
 from tqdm.auto import tqdm
 from trl.data_utils import common_prefix_length
 
-from .collapse import REFUSAL_PHRASES, measure, summarize
+from .collapse import REFUSAL_PHRASES, measure, sample_diversity, summarize
 from .data import SEED_SYSTEM_PROMPT, plain_prompt
 from .models import has_chat_template
 
@@ -106,6 +106,34 @@ def response_ids(tokenizer, conversation: Conversation, response: str, system_pr
         full = tokenizer(text=_plain_text(conversation, system_prompt) + response + tokenizer.eos_token)["input_ids"]
     cut = common_prefix_length(p_ids, full)
     return full[:cut], full[cut:]
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else value[-1]["content"]
+
+
+def token_lengths(tokenizer, rows: list[dict], system_prompt: str | None, max_length: int | None) -> dict:
+    """A token-length audit of preference pairs, tokenized as DPOTrainer tokenizes them (chat template, EOS, the
+    split at the common prefix): prompt, chosen and rejected token counts at p50 / p90 / p99, the longest, and the
+    share of pairs that `max_length` cuts (prompt + the longer answer over it; TRL keeps the start, so the answers'
+    ends are what is lost)."""
+    import numpy as np
+
+    lengths = {"prompt": [], "chosen": [], "rejected": []}
+    for row in rows:
+        p, c = response_ids(tokenizer, row["prompt"], _text(row["chosen"]), system_prompt)
+        _, r = response_ids(tokenizer, row["prompt"], _text(row["rejected"]), system_prompt)
+        for key, ids in (("prompt", p), ("chosen", c), ("rejected", r)):
+            lengths[key].append(len(ids))
+    if not rows:
+        return {"pairs": 0, "max_length": max_length, "cut": 0.0, "columns": {}}
+    longest = [p + max(c, r) for p, c, r in zip(*lengths.values(), strict=True)]
+    return {
+        "pairs": len(rows), "max_length": max_length,
+        "cut": sum(n > max_length for n in longest) / len(rows) if max_length else 0.0,
+        "columns": {key: {"p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90)),
+                          "p99": float(np.percentile(v, 99)), "max": max(v)} for key, v in lengths.items()},
+    }
 
 
 def is_adapted(model) -> bool:
@@ -297,6 +325,13 @@ def generate_batch(model, tokenizer, prompts: list[str], sampling: Sampling = Sa
 # ---------------------------------------------------------------- implicit reward
 
 
+def _response_logits(model, tokenizer, conversation: Conversation, response: str, system_prompt: str | None):
+    """The next-token logits at each response token (EOS included), and those tokens."""
+    p, r = response_ids(tokenizer, conversation, response, system_prompt)
+    ids = torch.tensor([p + r], device=model.device)
+    return model(input_ids=ids).logits[0, len(p) - 1 : -1].float(), ids[0, len(p) :]
+
+
 @torch.inference_mode()
 def response_logps(model, tokenizer, conversation: Conversation, responses: list[str], system_prompt: str | None,
                    *, use_adapter: bool, adapter_name: str | None = None) -> list[float]:
@@ -304,12 +339,39 @@ def response_logps(model, tokenizer, conversation: Conversation, responses: list
     out = []
     with model_lock, adapter(model, use_adapter, adapter_name):
         for response in responses:
-            p, r = response_ids(tokenizer, conversation, response, system_prompt)
-            ids = torch.tensor([p + r], device=model.device)
-            logits = model(input_ids=ids).logits[0, len(p) - 1 : -1].float()
-            targets = ids[0, len(p) :]
+            logits, targets = _response_logits(model, tokenizer, conversation, response, system_prompt)
             out.append(torch.log_softmax(logits, -1).gather(-1, targets[:, None]).sum().item())
     return out
+
+
+def topk_entropy(logits: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """The entropy (nats) of each next-token distribution over its k likeliest tokens, renormalised: what is left
+    of the model's hesitation among plausible words (a collapsed policy puts nearly all mass on one, entropy → 0)."""
+    top = torch.topk(logits.float(), min(k, logits.shape[-1]), dim=-1).values
+    logp = torch.log_softmax(top, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@torch.inference_mode()
+def answer_stats(model, tokenizer, prompts: list[Conversation], answers: list[str], system_prompt: str | None, *,
+                 use_adapter: bool, adapter_name: str | None = None, top_k: int = 10) -> dict:
+    """Model-side collapse measures of answers, read by teacher forcing (one forward pass per answer and side):
+    - `entropy`: the mean top-k token entropy along the answers under the model that wrote them (the DPO model if
+      `use_adapter`, else the base);
+    - `logp_gap`: the mean of log π(y|x) − log πref(y|x) over the answers, πref the base (adapter off): when the
+      answers are samples of π at temperature 1 this estimates the sequence-level KL(π‖πref) that DPO's β holds
+      back; 0 for the base by definition."""
+    entropies, gaps = [], []
+    for conversation, answer in zip(prompts, answers, strict=True):
+        with model_lock, adapter(model, use_adapter, adapter_name):
+            logits, targets = _response_logits(model, tokenizer, conversation, answer, system_prompt)
+        entropies.append(topk_entropy(logits, top_k).mean().item())
+        if use_adapter:
+            policy = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).sum().item()
+            reference, = response_logps(model, tokenizer, conversation, [answer], system_prompt, use_adapter=False)
+            gaps.append(policy - reference)
+    return {"entropy": sum(entropies) / len(entropies) if entropies else 0.0,
+            "logp_gap": sum(gaps) / len(gaps) if gaps else 0.0, "top_k": top_k}
 
 
 def implicit_reward(policy_logp: float, reference_logp: float, beta: float) -> float:
@@ -342,10 +404,23 @@ class Comparison:
     dpo_measures: dict
 
 
+def k_samples(model, tokenizer, prompts: list[str], sampling: Sampling, k: int, *, use_adapter: bool,
+              adapter_name: str | None = None, batch_size: int = 16) -> list[list[str]]:
+    """K answers to each prompt drawn at temperature 1 without a nucleus (the model's own distribution; Kirk et al.
+    2023 use 16), seeds seed, seed+1, …: per prompt, its K samples."""
+    draws = [generate_batch(model, tokenizer, prompts, replace(sampling, temperature=1.0, top_p=1.0, seed=sampling.seed + i),
+                            use_adapter=use_adapter, adapter_name=adapter_name, batch_size=batch_size,
+                            desc=f"samples {i + 1}/{k}") for i in range(k)]
+    return [list(group) for group in zip(*draws, strict=True)] if draws else [[] for _ in prompts]
+
+
 def evaluate(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling(), *,
              phrases: tuple[str, ...] | None = REFUSAL_PHRASES, adapter_name: str | None = None,
-             batch_size: int = 16) -> dict:
-    """Both answers to every prompt with their collapse measures, and a summary per side."""
+             batch_size: int = 16, k: int = 4, diversity_prompts: int = 8, top_k: int = 10) -> dict:
+    """Both answers to every prompt with their collapse measures, and a summary per side: the text measures of
+    `collapse.summarize`, the model-side ones of `answer_stats` (top-k entropy; the log-prob gap to the base), and
+    the per-prompt diversity of `k` samples at temperature 1 of the first `diversity_prompts` prompts, whose log-prob
+    gap is the sequence-level KL estimate (`kl`)."""
     base = generate_batch(model, tokenizer, prompts, sampling, use_adapter=False, batch_size=batch_size,
                           desc="base answers")
     dpo = generate_batch(model, tokenizer, prompts, sampling, use_adapter=True, adapter_name=adapter_name,
@@ -354,9 +429,24 @@ def evaluate(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling
         Comparison(p, b, d, measure(b, phrases).as_dict(), measure(d, phrases).as_dict())
         for p, b, d in zip(prompts, base, dpo, strict=True)
     ]
+    summary = {"base": summarize(base, phrases).as_dict(), "dpo": summarize(dpo, phrases).as_dict()}
+    some = prompts[:diversity_prompts] if k > 1 else []
+    for side, answers, dpo_side in (("base", base, False), ("dpo", dpo, True)):
+        stats = answer_stats(model, tokenizer, prompts, answers, sampling.system_prompt, use_adapter=dpo_side,
+                             adapter_name=adapter_name, top_k=top_k)
+        summary[side].update(entropy=stats["entropy"], logp_gap=stats["logp_gap"])
+        groups = k_samples(model, tokenizer, some, sampling, k, use_adapter=dpo_side, adapter_name=adapter_name,
+                           batch_size=batch_size)
+        diversity = sample_diversity(groups)
+        summary[side].update(sample_ead_2=diversity["ead_2"], sample_self_bleu=diversity["self_bleu"])
+        flat = [(p, a) for p, g in zip(some, groups, strict=True) for a in g]
+        summary[side]["kl"] = answer_stats(model, tokenizer, [p for p, _ in flat], [a for _, a in flat],
+                                           sampling.system_prompt, use_adapter=True,
+                                           adapter_name=adapter_name)["logp_gap"] if dpo_side else 0.0
     return {
         "sampling": asdict(sampling),
-        "summary": {"base": summarize(base, phrases).as_dict(), "dpo": summarize(dpo, phrases).as_dict()},
+        "measures": {"k": k if some else 0, "diversity_prompts": len(some), "top_k": top_k},
+        "summary": summary,
         "rows": [asdict(r) for r in rows],
     }
 

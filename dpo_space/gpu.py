@@ -164,11 +164,21 @@ def base_answers(prompts: list[str], sampling: Sampling) -> list[str]:
     return generate_batch(chat.model, chat.tokenizer, prompts, sampling, use_adapter=False, batch_size=8)
 
 
-@spaces.GPU(duration=lambda prompts, sampling, run_dir: generation_seconds(2 * len(prompts), sampling))
+def evaluation_seconds(prompts: list[str], sampling: Sampling) -> int:
+    """Both models' answers, K samples of the first few prompts from each, and a scoring pass per answer."""
+    answers = 2 * len(prompts) + 2 * EVAL_K * min(len(prompts), EVAL_DIVERSITY_PROMPTS)
+    return generation_seconds(answers, sampling) + answers // 4
+
+
+EVAL_K, EVAL_DIVERSITY_PROMPTS = 4, 8
+
+
+@spaces.GPU(duration=lambda prompts, sampling, run_dir: evaluation_seconds(prompts, sampling))
 def evaluate(prompts: list[str], sampling: Sampling, run_dir: str) -> dict:
     chat = chat_model()
     name = chat.adapter(run_dir)
-    return evaluate_answers(chat.model, chat.tokenizer, prompts, sampling, adapter_name=name)
+    return evaluate_answers(chat.model, chat.tokenizer, prompts, sampling, adapter_name=name, k=EVAL_K,
+                            diversity_prompts=EVAL_DIVERSITY_PROMPTS)
 
 
 @spaces.GPU(duration=lambda rows, beta, system_prompt, run_dir: 15 + len(rows))

@@ -28,6 +28,31 @@ refusal and pushes every helpful answer down, for all prompts, and a model pushe
 fluency too, so its answers fall into 「分かりません」 and repetition — the seed article's result, measured in the
 Evaluate tab (refusal rate, distinct-2, repeated n-grams). The data decides what "preferred" means; β and the
 length of training decide how far the model may go to get there.
+
+## Collapse, measured as the field measures it (the Evaluate tab)
+- **refusal**: share of answers that say 分かりません in any spelling.
+- **distinct-2** (Li et al., 2016): distinct character bigrams over all bigrams, pooled over the answers. It falls as
+  answers grow longer even when they say new things.
+- **EAD-2**, expectation-adjusted distinct (Liu et al., 2022): the distinct bigrams $N$ over the number expected if
+  the $C$ bigrams were drawn at random from a vocabulary of $V$ (here the 6,879 characters of JIS X 0208):
+  $$\mathrm{EAD} = \frac{N}{V\left[1-\left(\frac{V-1}{V}\right)^{C}\right]}$$
+  so long and short answers compare fairly. Low: the answers reuse the same few words.
+- **Self-BLEU** (Zhu et al., 2018): the mean BLEU (character n-grams up to 4) of each answer against all the others.
+  1 when every answer is the same sentence — the collapse of the わかりません set — near 0 when they share little.
+- **K-sample diversity** (Kirk et al., 2023): the model answers one prompt K times at temperature 1; EAD-2 and
+  Self-BLEU among those K, averaged over prompts. A collapsed model says the same thing however often you ask.
+- **top-k entropy** (Shi et al.): the entropy, in nats, of the next-token distribution over its 10 likeliest tokens,
+  averaged along the answers. It falls towards 0 as the policy stops hesitating between words.
+- **KL estimate**: the mean of $\log\pi_\theta(y|x)-\log\pi_{ref}(y|x)$ over the K samples $y\sim\pi_\theta$: a
+  Monte-Carlo estimate of the sequence-level $D_{KL}(\pi_\theta\|\pi_{ref})$ that β holds back in formula 2.
+
+## Both log-probs can fall while the margin grows (likelihood displacement)
+The **log-probs chart** of the Train tab draws $\log\pi_\theta(y_w|x)$ and $\log\pi_\theta(y_l|x)$ (TRL's
+`logps/chosen` and `logps/rejected`, summed over the answer's tokens). DPO's loss only asks for the *gap* between them
+to grow; nothing holds the chosen answer's likelihood up. Often both fall, the rejected one faster, and the mass goes to
+answers that are in neither column — sometimes worse ones (Razin et al., 2024, "Unintentional Unalignment":
+*likelihood displacement*, worst when chosen and rejected are similar). The Train tab warns when the chosen log-prob
+falls more than a set amount below where it started; an SFT term (the *remedies* recipe) or a larger β hold it up.
 """
 
 LEARN_JA = r"""
@@ -51,4 +76,18 @@ $$\hat r_\theta(x,y) = \beta\log\frac{\pi_\theta(y|x)}{\pi_{ref}(y|x)}$$
 
 ## モード崩壊から学べること
 わかりませんデータでは、chosen の回答がすべて同じ拒否の文です。DPO は言われたとおりのことをします。すべての質問について、その拒否の文を押し上げ、役に立つ回答をすべて押し下げます。さらに、参照モデルから大きく引き離されたモデルは流暢さも失い、回答は「分かりません」と繰り返しに陥ります。元記事でも、わかりませんデータで DPO を行ったモデルはどんな質問にも「分かりません」と答え、同じ語句を繰り返すようになりました。この変化は<strong>「評価」タブ</strong>で測れます(refusal = 拒否率、distinct-2、repetition = 繰り返される n-gram の割合)。何を「好ましい」とするかはデータが決め、そこへ向かってモデルがどこまで離れてよいかは β と学習の長さが決めます。
+
+## 研究で使われる指標でモード崩壊を測る(「評価」タブ)
+- <strong>refusal</strong>: 「分かりません」(表記ゆれを含む)と答えた割合。
+- <strong>distinct-2</strong> (Li et al., 2016): 回答全体の文字 bigram のうち異なるものの割合。新しいことを言っていても、回答が長くなるほど下がります。
+- <strong>EAD-2</strong>(期待値で補正した distinct, Liu et al., 2022): 異なる bigram の数 $N$ を、$C$ 個の bigram が語彙 $V$(ここでは JIS X 0208 の 6,879 文字)から無作為に選ばれたときの期待値で割ったもの。
+  $$\mathrm{EAD} = \frac{N}{V\left[1-\left(\frac{V-1}{V}\right)^{C}\right]}$$
+  長い回答と短い回答を公平に比べられます。低いほど、同じ言葉ばかり使っています。
+- <strong>Self-BLEU</strong> (Zhu et al., 2018): 各回答の、ほかのすべての回答に対する BLEU(文字 4-gram まで)の平均。すべての回答が同じ文なら 1(わかりませんデータの崩壊)、共通部分が少なければ 0 に近づきます。
+- <strong>K サンプル多様性</strong> (Kirk et al., 2023): 同じ質問に温度 1 で K 回答えさせ、その K 個の中での EAD-2 と Self-BLEU を質問ごとに求めて平均したもの。崩壊したモデルは何度聞いても同じことを言います。
+- <strong>top-k エントロピー</strong> (Shi et al.): 次のトークンの分布を上位 10 トークンに限ったときのエントロピー(nats)を、回答に沿って平均したもの。方策が言葉の選択に迷わなくなると 0 に近づきます。
+- <strong>KL の推定値</strong>: K 個のサンプル $y\sim\pi_\theta$ についての $\log\pi_\theta(y|x)-\log\pi_{ref}(y|x)$ の平均。式 2 で β が抑えている、系列全体の $D_{KL}(\pi_\theta\|\pi_{ref})$ のモンテカルロ推定です。
+
+## マージンが広がっても、両方の対数尤度が下がることがある(尤度の押し出し)
+「学習」タブの <strong>log-probs グラフ</strong>は $\log\pi_\theta(y_w|x)$ と $\log\pi_\theta(y_l|x)$(TRL の `logps/chosen` と `logps/rejected`、回答のトークン全体の和)を描きます。DPO の損失が求めるのは両者の<em>差</em>が広がることだけで、chosen の尤度を保つ項はありません。両方が下がり、rejected のほうが速く下がる、ということがよく起こり、確率はどちらの列にもない回答へ移ります。より悪い回答へ移ることもあります(Razin et al., 2024: <em>likelihood displacement</em>。chosen と rejected が似ているほど起こりやすい)。chosen の対数尤度が開始時より設定値以上下がると、「学習」タブに警告が出ます。SFT 項(レシピ「崩壊の対策」)や大きめの β で防げます。
 """

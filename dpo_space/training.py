@@ -673,6 +673,24 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
         return []
 
 
+# The likelihood-displacement warning fires when the chosen answers' log-prob (summed over their tokens, as TRL logs
+# `logps/chosen`) ends this many nats below its first logged value: each chosen answer made e^5 ≈ 150 times less likely.
+DISPLACEMENT_NATS = 5.0
+
+
+def likelihood_displacement(metrics: list[dict], nats: float = DISPLACEMENT_NATS) -> str | None:
+    """A warning when the run has pushed its chosen answers down (Razin et al., 2024), else None."""
+    chosen = [m["logps/chosen"] for m in metrics if "logps/chosen" in m]
+    if len(chosen) < 2 or chosen[0] - chosen[-1] <= nats:
+        return None
+    rejected = [m["logps/rejected"] for m in metrics if "logps/rejected" in m]
+    both = f"; rejected {rejected[0]:.1f} → {rejected[-1]:.1f}" if len(rejected) >= 2 else ""
+    return (f"likelihood displacement: the chosen answers' log-prob fell {chosen[0] - chosen[-1]:.1f} nats "
+            f"({chosen[0]:.1f} → {chosen[-1]:.1f}{both}), more than {nats:g}. The margin can still grow, but "
+            "probability is going to answers in neither column (see Learn); an SFT term or a larger β holds the "
+            "chosen answers up.")
+
+
 def read_samples(output_dir: str | Path) -> list[dict]:
     path = live_dir(output_dir) / "samples.jsonl"
     try:

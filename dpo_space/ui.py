@@ -36,7 +36,8 @@ i18n = gr.I18n(
         "token": "Hub トークン (書き込み権限)", "repo": "リポジトリ名 (user/name)", "prompt": "質問",
         "send": "送信", "clear": "クリア", "sampling": "生成の設定", "base": "ベースモデル",
         "dpo": "DPO モデル", "run_eval": "評価を実行", "eval_prompts": "評価用の質問 (1行に1つ; 空なら評価セット)",
-        "inspect": "選好ペアを調べる", "max_pairs": "使うペア数の上限", "probe": "途中経過を見る質問",
+        "inspect": "選好ペアを調べる", "token_audit": "トークン長を調べる",
+        "token_audit_run": "「学習」タブで選んだモデルのトークナイザで数える", "max_pairs": "使うペア数の上限", "probe": "途中経過を見る質問",
         "intro": "Direct Preference Optimization (DPO) で言語モデルがどう変わるかを見る: 選好データ → 4-bit QLoRA DPO → "
                  "ベースモデルと DPO モデルを並べて比較。モード崩壊も含めて。",
         "shared": "*共有 Space では学習の規模に上限があります。Space を複製 (Duplicate) すると上限が外れます。*",
@@ -54,7 +55,8 @@ i18n = gr.I18n(
         "token": "Hub token (write)", "repo": "Repository (user/name)", "prompt": "Prompt", "send": "Send",
         "clear": "Clear", "sampling": "Sampling", "base": "Base model", "dpo": "DPO model",
         "run_eval": "Run evaluation", "eval_prompts": "Prompts (one a line; empty: the eval set)",
-        "inspect": "Inspect preference pairs", "max_pairs": "At most this many pairs", "probe": "Probe prompt",
+        "inspect": "Inspect preference pairs", "token_audit": "Token lengths",
+        "token_audit_run": "Count with the tokenizer of the model picked in the Train tab", "max_pairs": "At most this many pairs", "probe": "Probe prompt",
         "intro": "See what Direct Preference Optimization does to a language model: preference data → 4-bit QLoRA DPO → "
                  "the base and the DPO model side by side, mode collapse included.",
         "shared": "*Shared Space: runs are capped. Duplicate the Space to lift the caps.*",
@@ -81,6 +83,8 @@ CHART_HELP = {
     "accuracy": "Share of pairs in the batch whose chosen reward beats the rejected one.",
     "rewards": "Implicit rewards β·log πθ/πref. A falling chosen reward is normal while the margin grows: "
                "DPO pushes the rejected answer down faster.",
+    "logps": "log πθ(chosen) and log πθ(rejected), summed over each answer's tokens. Both may fall while the margin "
+             "grows (likelihood displacement, see Learn): the probability goes to answers in neither column.",
 }
 
 # The Train tab's run settings, each widget keyed by its RunSettings field (TRL's name): what a visitor sets is what
@@ -285,6 +289,40 @@ def build_extreme(bench: Workbench, limits: Limits, prompts_text: str, chosen: s
     return pairs.rows, rows_to_frame(pairs.rows), describe(pairs)
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_id: str):
+    return models.load_tokenizer(model_id)
+
+
+def tokenizer_for(bench: Workbench, model_key: str):
+    """The tokenizer of the model picked in the Train tab: the chat model's own when it is that one, else loaded from
+    the Hub (a few files, no weights)."""
+    preset = models.PRESETS.get(model_key)
+    model_id = preset.model_id if preset else model_key
+    if model_id == bench.model_id or model_key == getattr(models.preset_for(bench.model_id), "key", None):
+        return gpu.chat_model().tokenizer
+    try:
+        return _tokenizer(model_id)
+    except Exception as e:  # noqa: BLE001 - offline, a typo, a gated repo: said, never a traceback
+        raise DPOSpaceError(f"model: could not load the tokenizer of {model_id!r} ({type(e).__name__}: {e})") from None
+
+
+def token_audit(bench: Workbench, rows: list[dict], model_key: str, max_length, system_prompt) -> str:
+    """The Data tab's token-length audit, with the picked model's tokenizer, as the run would tokenize the pairs."""
+    if not rows:
+        raise DPOSpaceError("No data: pick an example or upload a file first.")
+    tokenizer = tokenizer_for(bench, model_key)
+    max_length = int(max_length) if max_length else None
+    audit = generation.token_lengths(tokenizer, rows, system_prompt or None, max_length)
+    head = "| tokens | p50 | p90 | p99 | max |\n|---|---|---|---|---|\n"
+    body = "".join(f"| {key} | {c['p50']:.0f} | {c['p90']:.0f} | {c['p99']:.0f} | {c['max']} |\n"
+                   for key, c in audit["columns"].items())
+    cut = (f"**max_length {max_length} cuts {audit['cut']:.0%} of the {audit['pairs']} pairs** (prompt + the longer "
+           "answer is longer; TRL keeps the start, so those answers lose their ends)." if max_length else
+           "max_length is off: nothing is cut.")
+    return f"Token lengths with the tokenizer of **{model_key}** ({audit['pairs']} pairs):\n\n{head}{body}\n{cut}"
+
+
 def model_choices(hardware: models.Hardware) -> list[tuple[str, str]]:
     out = []
     for key, preset in models.PRESETS.items():
@@ -379,7 +417,7 @@ def run_status(bench: Workbench, visitor):
     job = bench.job(visitor) if visitor else None
     if job is None:
         return ("No run yet.", empty, empty, empty, empty, pd.DataFrame(columns=["step", "answer"]), None, None, "",
-                gr.Timer(active=False))
+                empty, gr.Timer(active=False))
     metrics = job.metrics()
     last = metrics[-1] if metrics else {}
     ran = space.describe_run(job.settings, bench.hardware, job.output_dir)
@@ -394,6 +432,9 @@ def run_status(bench: Workbench, visitor):
         status += f" · {ran}"
     else:
         status = f"{job.status}: {job.message} · {ran}"
+    displaced = training.likelihood_displacement(metrics)
+    if displaced:
+        status += f"\n\n**Warning — {displaced}**"
 
     def series(*names):
         rows = [{"step": m["step"], "value": m[n], "series": n} for m in metrics for n in names if n in m]
@@ -407,7 +448,7 @@ def run_status(bench: Workbench, visitor):
     loss = gr.LinePlot(value=series("loss"), caption=loss_caption(job.settings.loss_type))
     return (status, loss, series("rewards/margins"), series("rewards/accuracies"),
             series("rewards/chosen", "rewards/rejected"), samples, adapter_zip, yaml_file, command or "",
-            gr.Timer(active=job.active))
+            series("logps/chosen", "logps/rejected"), gr.Timer(active=job.active))
 
 
 def push_adapter(bench: Workbench, visitor, token: str, repo_id: str):
@@ -463,7 +504,26 @@ def compare(bench: Workbench, limits: Limits, answers: space.RateLimit, visitor,
            measures_markdown(scored[1][1], rewards[1]) if has_dpo else "")
 
 
-SUMMARY_MEASURES = ("refusal_rate", "distinct_2", "repetition", "repetition_across")
+# the bars of the Evaluate chart: shares and 0–1 scores, where a collapse shows as refusal and Self-BLEU up, EAD down
+SUMMARY_MEASURES = ("refusal_rate", "ead_2", "self_bleu", "sample_self_bleu", "repetition_across")
+
+
+def summary_markdown(summary: dict, measures: dict) -> str:
+    """One line per model: the text measures over the set, then K-sample diversity, entropy and the KL estimate."""
+    k = measures.get("k", 0)
+    lines = []
+    for side, s in summary.items():
+        line = (f"- **{side}**: refusal {s['refusal_rate']:.0%} · distinct-2 {s['distinct_2']:.2f} · EAD-2 "
+                f"{s['ead_2']:.2f} · Self-BLEU {s['self_bleu']:.2f} · repetition {s['repetition']:.2f} (within answers)"
+                f" / {s['repetition_across']:.2f} (across answers) · mean length {s['mean_length']:.0f} · top-"
+                f"{measures.get('top_k', 10)} entropy {s['entropy']:.2f} nats")
+        if k:
+            line += (f" · over {k} samples of each of {measures['diversity_prompts']} prompts: EAD-2 "
+                     f"{s['sample_ead_2']:.2f}, Self-BLEU {s['sample_self_bleu']:.2f}")
+            if side != "base":
+                line += f" · KL estimate {s['kl']:.1f} nats"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def evaluate(bench: Workbench, limits: Limits, answers: space.RateLimit, visitor, prompts_text, temperature, top_p,
@@ -487,10 +547,7 @@ def evaluate(bench: Workbench, limits: Limits, answers: space.RateLimit, visitor
     # one bar per measure and model, side by side (a shared x would stack them, which reads as a sum)
     chart = pd.DataFrame([{"bar": f"{k} · {side}", "value": float(summary[side][k]), "model": side}
                           for k in SUMMARY_MEASURES for side in ("base", "dpo")])
-    text = "\n".join(f"- **{side}**: refusal {s['refusal_rate']:.0%} · distinct-2 {s['distinct_2']:.2f} · "
-                     f"repetition {s['repetition']:.2f} (within answers) / {s['repetition_across']:.2f} (across "
-                     f"answers) · mean length {s['mean_length']:.0f}"
-                     for side, s in summary.items())
+    text = summary_markdown(summary, report.get("measures", {}))
     if capped:
         text += f"\n\n(the first {limits.eval_prompts} prompts: the cap here)"
     return table, text, chart, frame_to_csv(table, "evaluation.csv")
@@ -555,6 +612,9 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
                 extreme_prompts = gr.Textbox(lines=5, label=i18n("extreme_prompts"))
                 extreme_chosen = gr.Textbox(data.SEED_REFUSAL, label=i18n("extreme_chosen"))
                 extreme_build = gr.Button(i18n("extreme_build"))
+            with gr.Accordion(i18n("token_audit"), open=False):
+                audit_button = gr.Button(i18n("token_audit_run"))
+                audit_report = gr.Markdown(elem_id="token-audit")
 
         with gr.Tab(i18n("train")):
             with gr.Row():
@@ -588,6 +648,8 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
                                             caption=CHART_HELP["accuracy"], y_lim=[0, 1])
                 rewards_plot = gr.LinePlot(x="step", y="value", color="series", title="rewards chosen / rejected",
                                            caption=CHART_HELP["rewards"])
+            logps_plot = gr.LinePlot(x="step", y="value", color="series", title="log-probs chosen / rejected",
+                                     caption=CHART_HELP["logps"], elem_id="logps-plot")
             samples = gr.Dataframe(headers=["step", "answer"], label=i18n("samples"), wrap=True, interactive=False)
             with gr.Row():
                 adapter_zip = gr.File(label="adapter (zip)", interactive=False)
@@ -657,6 +719,9 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
                                   build_extreme(bench, limits, p, c, progress)),
                             [extreme_prompts, extreme_chosen], [rows, table, report], api_name="build_extreme")
 
+        audit_button.click(shown(lambda r, m, n, sp: token_audit(bench, r, m, n, sp)),
+                           [rows, model, widgets["max_length"], widgets["system_prompt"]], audit_report,
+                           api_name="token_lengths")
         gr.on([recipe.change, model.change], recipe_values, [model, recipe], settings_widgets, api_name=False)
         widgets["loss_type"].change(lambda loss: gr.update(visible=len(LOSSES[loss]) == 2), widgets["loss_type"],
                                     widgets["loss_weights"], api_name=False)
@@ -668,7 +733,7 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
                     [visitor, rows, model, max_pairs, probe, *settings_widgets], [status, timer], api_name="train")
         stop.click(shown(lambda v: stop_run(bench, v)), visitor, status, api_name="stop")
         outputs = [status, loss_plot, margin_plot, accuracy_plot, rewards_plot, samples, adapter_zip, run_yaml, replay,
-                   timer]
+                   logps_plot, timer]
         timer.tick(shown(lambda v: run_status(bench, v)), visitor, outputs, api_name="status", show_progress="hidden")
         push.click(shown(lambda v, t, r: push_adapter(bench, v, t, r)), [visitor, token, repo], push_result,
                    api_name="push")

@@ -1,7 +1,7 @@
 import pytest
 
-from dpo_space.collapse import (bigram_f1, content_words, distinct_n, has_refusal, measure, on_topic, rare_kanji_share,
-                                repeated_ngram_share, summarize)
+from dpo_space.collapse import (bigram_f1, content_words, distinct_n, ead, has_refusal, measure, on_topic,
+                                rare_kanji_share, repeated_ngram_share, sample_diversity, self_bleu, summarize)
 
 
 def test_fresh_text_has_no_repetition_and_a_loop_has_a_lot():
@@ -82,3 +82,44 @@ def test_repetition_within_answers_and_across_them():
     assert collapsed.repetition == 0.0  # each answer alone is fresh text...
     assert collapsed.repetition_across >= 0.85 > helpful.repetition_across  # ...but they are all the same
     assert summarize(["人生の、人生の、人生の、人生の"]).repetition > 0.5
+
+
+def test_ead_against_values_computed_by_hand():
+    # "ab" twice, unigrams: 2 distinct of C = 4; expected distinct under V = 2: 2·(1 − (1/2)^4) = 1.875
+    assert ead(["ab", "ab"], 1, vocab_size=2) == pytest.approx(2 / 1.875)
+    # 3 distinct bigrams of C = 3 (abcd); V = 10: 10·(1 − 0.9^3) = 2.71
+    assert ead("abcd", 2, vocab_size=10) == pytest.approx(3 / 2.71)
+    assert ead("", 2) == 0.0 and ead("猫", 2) == 0.0
+
+
+def test_ead_does_not_punish_length_as_distinct_n_does():
+    short = ["料理は火加減が大切です。", "旅行は計画が大切です。"]
+    long = [t * 3 for t in short]  # the same sentences said three times: repetition, not new words
+    fresh = ["料理は火加減が大切です。焦げないよう弱火で。", "旅行は計画が大切です。宿は早めに予約しましょう。"]
+    assert ead(long, 2) < ead(short, 2)
+    assert ead(fresh, 2) > distinct_n(fresh, 2)  # the expectation adjustment rewards longer fresh text
+
+
+def test_self_bleu_against_values_computed_by_hand():
+    assert self_bleu(["同じ答えです。"] * 3) == pytest.approx(1.0)
+    assert self_bleu(["あいう", "かきく"]) == 0.0  # no character in common
+    # "abc" against "abd" (and back): unigram 2/3, bigram 1/2, trigram 0 smoothed to 1/2 (sacrebleu's exp
+    # smoothing), no 4-grams (effective order 3), no brevity penalty: (2/3 · 1/2 · 1/2)^(1/3)
+    assert self_bleu(["abc", "abd"]) == pytest.approx((1 / 6) ** (1 / 3))
+    assert self_bleu(["一つだけ"]) == 0.0 and self_bleu(["", "何か"]) == 0.0
+
+
+def test_sample_diversity_tells_a_collapsed_prompt_from_a_lively_one():
+    collapsed = [["分かりません。"] * 4, ["分かりません。"] * 4]
+    lively = [["朝は和食です。", "パンとコーヒー。", "果物を少し。", "抜くことが多い。"]] * 2
+    c, l = sample_diversity(collapsed), sample_diversity(lively)
+    assert c["self_bleu"] == pytest.approx(1.0) and l["self_bleu"] < 0.3
+    assert c["ead_2"] < l["ead_2"] and c["prompts"] == 2 and c["k"] == 4
+    assert sample_diversity([])["prompts"] == 0
+
+
+def test_summary_carries_ead_and_self_bleu():
+    same = summarize(["分かりません。"] * 5)
+    varied = summarize(["料理は火加減が大切です。", "旅行は計画が大切です。", "睡眠は七時間ほどが目安です。"])
+    assert same.self_bleu == pytest.approx(1.0) and varied.self_bleu < 0.5
+    assert same.ead_2 < varied.ead_2

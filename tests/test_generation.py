@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from datasets import Dataset
@@ -6,12 +8,16 @@ from trl import DPOTrainer
 from dpo_space.data import SEED_REFUSAL, SEED_SYSTEM_PROMPT, as_training_rows
 from dpo_space.generation import (
     Sampling,
+    answer_stats,
     evaluate,
     generate,
     implicit_rewards,
     prompt_ids,
     response_ids,
+    response_logps,
     stream,
+    token_lengths,
+    topk_entropy,
 )
 from dpo_space.models import detect_hardware, load_model
 from dpo_space.training import RunSettings, train
@@ -110,6 +116,34 @@ def test_evaluate_reports_both_sides(trained):
     row = report["rows"][0]
     assert set(row) == {"prompt", "base", "dpo", "base_measures", "dpo_measures"}
     assert set(row["dpo_measures"]) == {"refusal", "distinct_1", "distinct_2", "repetition", "length"}
+    for side in ("base", "dpo"):
+        assert {"ead_2", "self_bleu", "entropy", "logp_gap", "kl", "sample_ead_2", "sample_self_bleu"} <= \
+            set(report["summary"][side])
+    assert report["measures"] == {"k": 4, "diversity_prompts": 2, "top_k": 10}
+    assert report["summary"]["base"]["kl"] == 0.0 and report["summary"]["base"]["logp_gap"] == 0.0
+    assert report["summary"]["dpo"]["kl"] != 0.0  # the adapter moved the policy off the reference
+
+
+def test_topk_entropy_against_values_computed_by_hand():
+    uniform = torch.zeros(3, 8)
+    assert torch.allclose(topk_entropy(uniform, 2), torch.full((3,), torch.log(torch.tensor(2.0))))
+    peaked = torch.tensor([[50.0, 0.0, 0.0, 0.0]])
+    assert topk_entropy(peaked, 4).item() == pytest.approx(0.0, abs=1e-6)
+    two = torch.log(torch.tensor([[0.75, 0.25, 1e-9]]))  # the top 2 renormalised: 3/4, 1/4
+    assert topk_entropy(two, 2).item() == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)), rel=1e-5)
+
+
+def test_logp_gap_is_the_policy_minus_the_reference_log_prob(trained):
+    answers = [SEED_REFUSAL, "旅行の準備は前日までに。"]
+    prompts = [PROMPT, "旅行の準備は?"]
+    stats = answer_stats(trained.model, trained.tokenizer, prompts, answers, SEED_SYSTEM_PROMPT, use_adapter=True)
+    by_hand = [response_logps(trained.model, trained.tokenizer, p, [a], SEED_SYSTEM_PROMPT, use_adapter=True)[0]
+               - response_logps(trained.model, trained.tokenizer, p, [a], SEED_SYSTEM_PROMPT, use_adapter=False)[0]
+               for p, a in zip(prompts, answers)]
+    assert stats["logp_gap"] == pytest.approx(sum(by_hand) / 2, rel=1e-4)
+    assert by_hand[0] > 0  # DPO on the refusal set raised the refusal's likelihood over the base's
+    base = answer_stats(trained.model, trained.tokenizer, prompts, answers, SEED_SYSTEM_PROMPT, use_adapter=False)
+    assert base["logp_gap"] == 0.0 and base["entropy"] > 0
 
 
 def test_model_without_adapter_refuses_the_dpo_side(tiny_model_dir):
@@ -175,3 +209,24 @@ def test_utf8_states_refuse_what_python_cannot_decode(raw):
     with pytest.raises(UnicodeDecodeError):
         raw.decode()
     assert _utf8_state(raw, 0) == -1
+
+
+def test_token_audit_counts_as_training_tokenizes_and_says_what_max_length_cuts(tiny_model_dir):
+    from dpo_space.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    rows = [{"prompt": "料理のコツは?", "chosen": "火加減" * i, "rejected": "分かりません。"} for i in range(1, 11)]
+    each = [(len(p), len(c)) for p, c in (response_ids(tok, r["prompt"], r["chosen"], SEED_SYSTEM_PROMPT) for r in rows)]
+    audit = token_lengths(tok, rows, SEED_SYSTEM_PROMPT, max_length=None)
+    chosen = sorted(c for _, c in each)
+    assert audit["pairs"] == 10 and audit["cut"] == 0.0
+    assert audit["columns"]["chosen"]["max"] == chosen[-1]
+    assert audit["columns"]["chosen"]["p50"] == pytest.approx((chosen[4] + chosen[5]) / 2)  # numpy's linear median
+    assert audit["columns"]["prompt"]["p99"] == each[0][0]  # the same prompt in every row
+    # a max_length that holds the prompt and the 5th-longest chosen answer cuts the 5 longer pairs
+    limit = each[0][0] + chosen[4]
+    assert token_lengths(tok, rows, SEED_SYSTEM_PROMPT, max_length=limit)["cut"] == pytest.approx(0.5)
+    conversational = [{"prompt": [{"role": "user", "content": "料理のコツは?"}],
+                       "chosen": [{"role": "assistant", "content": "火加減"}],
+                       "rejected": [{"role": "assistant", "content": "分かりません。"}]}]
+    assert token_lengths(tok, conversational, SEED_SYSTEM_PROMPT, 1024)["columns"]["chosen"]["max"] == each[0][1]

@@ -247,3 +247,16 @@ def test_trls_own_cli_replays_run_yaml(tiny_model_dir, wakarimasen_pairs, tmp_pa
     assert (tmp_path / "replay" / "adapter_model.safetensors").exists()
     losses = [float(x) for x in __import__("re").findall(r"'loss': '([0-9.]+)'", done.stdout + done.stderr)]
     assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), abs=1e-3)
+
+
+def test_likelihood_displacement_warns_only_past_the_set_drop():
+    from dpo_space.training import DISPLACEMENT_NATS, likelihood_displacement
+
+    rising = [{"logps/chosen": -40.0, "logps/rejected": -50.0}, {"logps/chosen": -30.0, "logps/rejected": -80.0}]
+    assert likelihood_displacement(rising) is None
+    small = [{"logps/chosen": -40.0}, {"logps/chosen": -40.0 - DISPLACEMENT_NATS}]  # exactly the set drop: no warning
+    assert likelihood_displacement(small) is None
+    both_fall = [{"logps/chosen": -40.0, "logps/rejected": -45.0}, {"logps/chosen": -52.0, "logps/rejected": -90.0}]
+    warning = likelihood_displacement(both_fall)
+    assert "fell 12.0 nats" in warning and "-40.0 → -52.0" in warning and "-45.0 → -90.0" in warning
+    assert likelihood_displacement(both_fall[:1]) is None and likelihood_displacement([]) is None

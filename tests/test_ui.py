@@ -9,7 +9,7 @@ import pytest
 
 gradio_client = pytest.importorskip("gradio_client")
 
-from dpo_space import models  # noqa: E402
+from dpo_space import models, ui  # noqa: E402
 from dpo_space.errors import DPOSpaceError  # noqa: E402
 from dpo_space.workbench import Workbench  # noqa: E402
 
@@ -124,6 +124,8 @@ def test_train_compare_evaluate_inspect(client, server):
                                            "metrics.csv", "train.json", "README.md"}
         assert {"adapter_model.safetensors", "adapter_config.json", "run.yaml"} <= set(archive.namelist())
     assert "trl dpo --config run.yaml" in result[8]
+    logps = result[9]["data"]  # the likelihood-displacement chart: both log-probs at every logged step
+    assert {row[2] for row in logps} == {"logps/chosen", "logps/rejected"} and len(logps) == 2 * len(loss)
 
     base, dpo, _, base_m, dpo_m = client.predict(visitor, "人はどんなことをしてもらうと嬉しいですか?", [], [], 0.6, 0.9,
                                                   64, 0, "あなたは日本語チャットbotです。ユーザの質問答えてください。",
@@ -134,6 +136,8 @@ def test_train_compare_evaluate_inspect(client, server):
     table, summary, chart, csv_path = client.predict(visitor, "旅行の準備は?\n部屋の掃除のコツは?", 0.6, 0.9, 32, 0, "",
                                                      api_name="/evaluate")
     assert len(table["data"]) == 2 and "refusal" in summary and csv_path.endswith(".csv")
+    assert "EAD-2" in summary and "Self-BLEU" in summary and "KL estimate" in summary and "entropy" in summary
+    assert {row[0].split(" · ")[0] for row in chart["data"]} == set(ui.SUMMARY_MEASURES)
 
     table, summary, _ = client.predict(visitor, api_name="/inspect")
     assert "ranks" in summary and len(table["data"]) == 650
@@ -439,3 +443,21 @@ def test_the_inspector_formats_pairs_as_the_run_trained_them(tmp_path, monkeypat
                         calls.append((beta, system_prompt, run_dir)) or [])
     bench.pair_report(visitor, [{"prompt": "q", "chosen": "a", "rejected": "b"}])
     assert calls == [(0.3, "走ったときの指示", "/runs/" + visitor)]
+
+
+def test_token_audit_counts_with_the_picked_models_tokenizer(server, monkeypatch):
+    c = gradio_client.Client(server[0], verbose=False)
+    with pytest.raises(Exception, match="No data"):
+        c.predict(models.EMBEDDED, 1024, "", api_name="/token_lengths")
+    c.predict(next(iter(ui.EXAMPLE_FILES)), api_name="/load_example")
+    audit = c.predict(models.EMBEDDED, 1024, "", api_name="/token_lengths")
+    assert "650 pairs" in audit and "| chosen |" in audit and "cuts 0%" in audit
+    assert "cuts 100%" in c.predict(models.EMBEDDED, 8, "", api_name="/token_lengths")
+    def unreachable(model_id):
+        raise OSError(f"we could not connect to the Hub for {model_id}")
+
+    ui._tokenizer.cache_clear()
+    monkeypatch.setattr(models, "load_tokenizer", unreachable)  # the same process serves the page
+    qwen = models.PRESETS["qwen2.5-0.5b"].model_id
+    with pytest.raises(Exception, match=f"could not load the tokenizer of '{qwen}'.*could not connect"):
+        c.predict("qwen2.5-0.5b", 1024, "", api_name="/token_lengths")
