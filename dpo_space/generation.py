@@ -11,7 +11,7 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from peft import PeftModel
@@ -402,6 +402,7 @@ class Comparison:
     dpo: str
     base_measures: dict
     dpo_measures: dict
+    others: dict = field(default_factory=dict)  # more DPO runs: label → {"answer", "measures"}
 
 
 def k_samples(model, tokenizer, prompts: list[str], sampling: Sampling, k: int, *, use_adapter: bool,
@@ -416,33 +417,39 @@ def k_samples(model, tokenizer, prompts: list[str], sampling: Sampling, k: int, 
 
 def evaluate(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling(), *,
              phrases: tuple[str, ...] | None = REFUSAL_PHRASES, adapter_name: str | None = None,
-             batch_size: int = 16, k: int = 4, diversity_prompts: int = 8, top_k: int = 10) -> dict:
-    """Both answers to every prompt with their collapse measures, and a summary per side: the text measures of
-    `collapse.summarize`, the model-side ones of `answer_stats` (top-k entropy; the log-prob gap to the base), and
-    the per-prompt diversity of `k` samples at temperature 1 of the first `diversity_prompts` prompts, whose log-prob
-    gap is the sequence-level KL estimate (`kl`)."""
-    base = generate_batch(model, tokenizer, prompts, sampling, use_adapter=False, batch_size=batch_size,
-                          desc="base answers")
-    dpo = generate_batch(model, tokenizer, prompts, sampling, use_adapter=True, adapter_name=adapter_name,
-                         batch_size=batch_size, desc="DPO answers")
+             others: dict[str, str] | None = None, batch_size: int = 16, k: int = 4, diversity_prompts: int = 8,
+             top_k: int = 10) -> dict:
+    """The base's and the DPO model's answers to every prompt (and those of more DPO runs: `others`, label → adapter
+    name) with their collapse measures, and a summary per model: the text measures of `collapse.summarize`, the
+    model-side ones of `answer_stats` (top-k entropy; the log-prob gap to the base), and the per-prompt diversity of
+    `k` samples at temperature 1 of the first `diversity_prompts` prompts, whose log-prob gap is the sequence-level KL
+    estimate (`kl`). Every model answers with the same sampling and seed."""
+    sides = [("base", False, None), ("dpo", True, adapter_name)] + [(label, True, name) for label, name in
+                                                                   (others or {}).items()]
+    answers = {side: generate_batch(model, tokenizer, prompts, sampling, use_adapter=on, adapter_name=name,
+                                    batch_size=batch_size, desc=f"{side} answers") for side, on, name in sides}
     rows = [
-        Comparison(p, b, d, measure(b, phrases).as_dict(), measure(d, phrases).as_dict())
-        for p, b, d in zip(prompts, base, dpo, strict=True)
+        Comparison(p, answers["base"][i], answers["dpo"][i], measure(answers["base"][i], phrases).as_dict(),
+                   measure(answers["dpo"][i], phrases).as_dict(),
+                   {side: {"answer": answers[side][i], "measures": measure(answers[side][i], phrases).as_dict()}
+                    for side, _, _ in sides[2:]})
+        for i, p in enumerate(prompts)
     ]
-    summary = {"base": summarize(base, phrases).as_dict(), "dpo": summarize(dpo, phrases).as_dict()}
+    summary = {}
     some = prompts[:diversity_prompts] if k > 1 else []
-    for side, answers, dpo_side in (("base", base, False), ("dpo", dpo, True)):
-        stats = answer_stats(model, tokenizer, prompts, answers, sampling.system_prompt, use_adapter=dpo_side,
-                             adapter_name=adapter_name, top_k=top_k)
+    for side, on, name in sides:
+        summary[side] = summarize(answers[side], phrases).as_dict()
+        stats = answer_stats(model, tokenizer, prompts, answers[side], sampling.system_prompt, use_adapter=on,
+                             adapter_name=name, top_k=top_k)
         summary[side].update(entropy=stats["entropy"], logp_gap=stats["logp_gap"])
-        groups = k_samples(model, tokenizer, some, sampling, k, use_adapter=dpo_side, adapter_name=adapter_name,
+        groups = k_samples(model, tokenizer, some, sampling, k, use_adapter=on, adapter_name=name,
                            batch_size=batch_size)
         diversity = sample_diversity(groups)
         summary[side].update(sample_ead_2=diversity["ead_2"], sample_self_bleu=diversity["self_bleu"])
         flat = [(p, a) for p, g in zip(some, groups, strict=True) for a in g]
         summary[side]["kl"] = answer_stats(model, tokenizer, [p for p, _ in flat], [a for _, a in flat],
                                            sampling.system_prompt, use_adapter=True,
-                                           adapter_name=adapter_name)["logp_gap"] if dpo_side else 0.0
+                                           adapter_name=name)["logp_gap"] if on and flat else 0.0
     return {
         "sampling": asdict(sampling),
         "measures": {"k": k if some else 0, "diversity_prompts": len(some), "top_k": top_k},

@@ -116,6 +116,10 @@ class RunSettings:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
             problems.append(f"bnb_4bit_quant_type must be nf4 or fp4, got {self.bnb_4bit_quant_type!r}")
+        try:
+            check_reporter(self.report_to)
+        except DPOSpaceError as e:
+            problems.append(str(e))
         if problems:
             raise DPOSpaceError("; ".join(problems))
 
@@ -172,6 +176,8 @@ class RunSettings:
             seed=self.seed,
             data_seed=self.seed,  # the batch order from the run's own seed, not from whatever else used torch's RNG
             report_to=self.report_to,
+            project=TRACKIO_PROJECT,  # trackio's project (local-first: `trackio show --project dpo-space`)
+            run_name=Path(self.output_dir).name,  # the run folder (training writes into a hidden partial one)
             trust_remote_code=self.trust_remote_code,
             # TRL would zero lora_dropout along with the base's dropout; `train` zeroes the base's itself
             disable_dropout=False,
@@ -205,10 +211,27 @@ class RunSettings:
         values.update(use_peft=True, dtype=DTYPE_NAMES[hardware.precision], bf16=config.bf16, fp16=config.fp16,
                       use_cpu=config.use_cpu, data_seed=config.data_seed, disable_dropout=config.disable_dropout,
                       remove_unused_columns=config.remove_unused_columns, save_strategy="no")
+        if self.report_to == "trackio":
+            values["project"] = config.project
         values["env"] = {SYSTEM_PROMPT_ENV: self.system_prompt or ""}
         if data_files:
             values["datasets"] = [{"path": "json", "data_files": data_files["train"]}]
         return yaml.safe_dump(values, allow_unicode=True, sort_keys=False)
+
+
+TRACKIO_PROJECT = "dpo-space"
+REPORTERS = ("none", "trackio", "tensorboard", "wandb")
+
+
+def check_reporter(report_to: str):
+    """A tracker is opt-in and never required: one that is not installed is refused before the run, by name."""
+    import importlib.util
+
+    if report_to not in REPORTERS:
+        raise DPOSpaceError(f"report_to: one of {', '.join(REPORTERS)}, got {report_to!r}")
+    if report_to != "none" and importlib.util.find_spec(report_to) is None:
+        raise DPOSpaceError(f"report_to {report_to}: the {report_to} package is not installed here "
+                            f"(pip install {report_to}), or pick none")
 
 
 # RunSettings fields that are DPO Space's own: not written to run.yaml as keys (see `to_yaml`)
@@ -245,7 +268,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 # Keys of run.yaml that are TRL's alone: ours reads the precision from `dtype` and decides the rest from the hardware
 # it runs on (a run.yaml from a CPU run replays on a GPU with our CLI; `trl dpo` takes --use_cpu false for that).
 _TRL_ONLY_KEYS = {"use_peft", "datasets", "dataset_name", "dataset_train_split", "dataset_test_split", "dtype", "bf16",
-                  "fp16", "use_cpu", "data_seed", "disable_dropout", "remove_unused_columns", "save_strategy", "env"}
+                  "fp16", "project", "use_cpu", "data_seed", "disable_dropout", "remove_unused_columns", "save_strategy", "env"}
 _PRECISION_OF_DTYPE = {name: key for key, name in DTYPE_NAMES.items()}
 
 METRIC_COLUMNS = [

@@ -36,7 +36,12 @@ i18n = gr.I18n(
         "token": "Hub トークン (書き込み権限)", "repo": "リポジトリ名 (user/name)", "prompt": "質問",
         "send": "送信", "clear": "クリア", "sampling": "生成の設定", "base": "ベースモデル",
         "dpo": "DPO モデル", "run_eval": "評価を実行", "eval_prompts": "評価用の質問 (1行に1つ; 空なら評価セット)",
-        "inspect": "選好ペアを調べる", "token_audit": "トークン長を調べる",
+        "inspect": "選好ペアを調べる", "collect": "ブラウザで選好ペアを集める (選好ゲーム)",
+        "two_answers": "ベースモデルに 2 回答えさせる", "game": "10 問のゲームを始める", "pick_a": "A のほうが良い",
+        "pick_b": "B のほうが良い", "own_answer": "自分で書いた、より良い回答", "pick_own": "自分の回答を chosen にする",
+        "game_train": "集めたペアで学習する", "pick_runs": "比べる学習 (最大 2 つ)",
+        "pick_runs_info": "空なら最新の学習。2 つ選ぶと列が 1 つ増えます (同じ seed・同じ生成設定)。",
+        "second_run": "DPO モデル (2 つ目)", "token_audit": "トークン長を調べる",
         "token_audit_run": "「学習」タブで選んだモデルのトークナイザで数える", "max_pairs": "使うペア数の上限", "probe": "途中経過を見る質問",
         "intro": "Direct Preference Optimization (DPO) で言語モデルがどう変わるかを見る: 選好データ → 4-bit QLoRA DPO → "
                  "ベースモデルと DPO モデルを並べて比較。モード崩壊も含めて。",
@@ -55,7 +60,12 @@ i18n = gr.I18n(
         "token": "Hub token (write)", "repo": "Repository (user/name)", "prompt": "Prompt", "send": "Send",
         "clear": "Clear", "sampling": "Sampling", "base": "Base model", "dpo": "DPO model",
         "run_eval": "Run evaluation", "eval_prompts": "Prompts (one a line; empty: the eval set)",
-        "inspect": "Inspect preference pairs", "token_audit": "Token lengths",
+        "inspect": "Inspect preference pairs", "collect": "Collect pairs in the browser (preference game)",
+        "two_answers": "Two answers from the base model", "game": "Start a game of ten prompts", "pick_a": "A is better",
+        "pick_b": "B is better", "own_answer": "Your own, better answer", "pick_own": "Make my answer the chosen one",
+        "game_train": "Train on my pairs", "pick_runs": "Runs to compare (at most two)",
+        "pick_runs_info": "Empty: your latest run. Two: a third column (same seed, same sampling).",
+        "second_run": "DPO model (second run)", "token_audit": "Token lengths",
         "token_audit_run": "Count with the tokenizer of the model picked in the Train tab", "max_pairs": "At most this many pairs", "probe": "Probe prompt",
         "intro": "See what Direct Preference Optimization does to a language model: preference data → 4-bit QLoRA DPO → "
                  "the base and the DPO model side by side, mode collapse included.",
@@ -93,7 +103,7 @@ UP_FRONT = ("beta", "lora_r", "num_train_epochs")
 ADVANCED = ("lora_alpha", "lora_dropout", "lora_target_modules", "learning_rate", "per_device_train_batch_size",
             "gradient_accumulation_steps", "max_length", "warmup_steps", "loss_type", "loss_weights", "seed",
             "load_in_4bit", "bnb_4bit_quant_type", "use_bnb_nested_quant", "gradient_checkpointing", "precision",
-            "system_prompt")
+            "system_prompt", "report_to")
 SETTINGS = UP_FRONT + ADVANCED
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 INTEGERS = ("lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "seed")
@@ -121,6 +131,11 @@ def setting_widget(name: str, value, epochs_cap: float = 10):
         return gr.Checkbox(value, label=name)
     if name == "system_prompt":
         return gr.Textbox(value, label=name)
+    if name == "report_to":  # the trackers installed here; none is never required
+        import importlib.util
+
+        shown = [r for r in training.REPORTERS if r == "none" or importlib.util.find_spec(r) is not None]
+        return gr.Dropdown(shown, value=value, label=name, info="trackio: `trackio show --project dpo-space`")
     return gr.Number(value, label=name, precision=0 if name in INTEGERS else None)
 
 
@@ -323,6 +338,96 @@ def token_audit(bench: Workbench, rows: list[dict], model_key: str, max_length, 
     return f"Token lengths with the tokenizer of **{model_key}** ({audit['pairs']} pairs):\n\n{head}{body}\n{cut}"
 
 
+# ---------------------------------------------------------------- pairs collected in the browser (on-policy data)
+
+GAME_LENGTH = 10
+GAME_SAMPLING = dict(temperature=0.9, top_p=0.95, max_new_tokens=128)
+
+
+@functools.lru_cache(maxsize=1)
+def _game_pool() -> tuple[str, ...]:
+    from . import corpus, embedded
+
+    rows = embedded.read_corpus()
+    excluded = embedded.excluded_from_sft(rows)
+    seeds = {r["prompt"] for r in embedded.seed_rows()}  # the seed's rows feed its datasets: not these games
+    return tuple(sorted({r["prompt"] for r in rows if corpus.key(r["prompt"]) not in excluded
+                         and r["prompt"] not in seeds}))
+
+
+def game_prompts(seed: int, n: int = GAME_LENGTH) -> list[str]:
+    """n everyday questions from the corpus for a preference game: never from the held-out sets or the seed's
+    evaluation prompts (the game's pairs train a run, and held out means held out)."""
+    import random
+
+    pool = _game_pool()
+    return random.Random(seed).sample(pool, min(n, len(pool)))
+
+
+def two_answers(bench: Workbench, limits: Limits, answers: space.RateLimit, visitor, prompt: str, seed=0):
+    """The base model's two answers to one prompt: two samples drawn in turn with one seed (a batch of two)."""
+    answers.check(check_visitor(visitor))
+    if not prompt or not prompt.strip():
+        raise DPOSpaceError("Type a prompt first (or start a game).")
+    sampling = generation.Sampling(**{**GAME_SAMPLING, "max_new_tokens": min(GAME_SAMPLING["max_new_tokens"],
+                                                                              limits.max_new_tokens)}, seed=int(seed or 0))
+    a, b = bench.base_answers([prompt.strip()] * 2, sampling)
+    return a, b
+
+
+def game_status(game: dict | None) -> str:
+    if not game:
+        return "Type any prompt and ask for two answers, or start a game of ten prompts."
+    done = len(game["pairs"])
+    if done >= len(game["prompts"]):
+        return (f"**{done} pairs collected.** Train on them: the run uses the Train tab's settings, and your pairs "
+                "become the dataset.")
+    return f"Prompt {done + 1} of {len(game['prompts'])}: pick the better answer, or write a better one."
+
+
+def start_game(bench: Workbench, limits: Limits, answers: space.RateLimit, visitor, seed=0):
+    game = {"prompts": game_prompts(int(seed or 0)), "pairs": []}
+    a, b = two_answers(bench, limits, answers, visitor, game["prompts"][0], seed)
+    return game, game["prompts"][0], a, b, "", game_status(game)
+
+
+def pick(bench: Workbench, limits: Limits, answers: space.RateLimit, visitor, rows, game, prompt, a, b, choice, own,
+         seed=0):
+    """The visitor's judgement becomes a pair: the picked answer chosen and the other rejected, or their own answer
+    chosen over the first sample. Outside a game the pair joins the dataset at once; in a game it is kept for the run
+    the game ends in. Then the game's next prompt, answered twice."""
+    if choice not in ("a", "b", "own"):
+        raise DPOSpaceError(f"choice: a, b or own, got {choice!r}")
+    chosen, rejected = {"a": (a, b), "b": (b, a), "own": ((own or "").strip(), a)}[choice]
+    if choice == "own" and not chosen:
+        raise DPOSpaceError("Write your own answer first.")
+    pair = data.validate_rows([{"prompt": (prompt or "").strip(), "chosen": chosen, "rejected": rejected}],
+                              source="your pick").rows[0]  # an empty prompt or identical answers: said, not added
+    if game:
+        game = {**game, "pairs": game["pairs"] + [pair]}
+        if len(game["pairs"]) < len(game["prompts"]):
+            following = game["prompts"][len(game["pairs"])]
+            na, nb = two_answers(bench, limits, answers, visitor, following, seed)
+            return gr.update(), gr.update(), gr.update(), game, following, na, nb, "", game_status(game)
+        return gr.update(), gr.update(), gr.update(), game, "", "", "", "", game_status(game)
+    rows = data.validate_rows(list(rows or []) + [pair], source="dataset").rows
+    note = f"Added: 「{pair['prompt']}」 → chosen {'your answer' if choice == 'own' else choice.upper()}"
+    return rows, rows_to_frame(rows), note + " · " + describe(data.validate_rows(rows, source="dataset")), game, \
+        prompt, a, b, "", game_status(game)
+
+
+def train_on_game(bench: Workbench, limits: Limits, runs: space.RateLimit, visitor, game, model, max_pairs, probe,
+                  *values):
+    """The end of a game: its pairs become the dataset, and a run starts on them with the Train tab's settings."""
+    pairs = (game or {}).get("pairs", [])
+    if not game or len(pairs) < len(game["prompts"]):
+        raise DPOSpaceError(f"Finish the game first: {len(pairs)} of {GAME_LENGTH} prompts judged.")
+    checked = data.validate_rows(pairs, source="your pairs")
+    head = (checked.rows, rows_to_frame(checked.rows), "Your game's pairs: " + describe(checked))
+    for status, timer in start_run(bench, limits, runs, visitor, checked.rows, model, max_pairs, probe, *values):
+        yield (*head, status, timer)
+
+
 def model_choices(hardware: models.Hardware) -> list[tuple[str, str]]:
     out = []
     for key, preset in models.PRESETS.items():
@@ -410,6 +515,29 @@ def stop_run(bench: Workbench, visitor):
     return "stopping after this step…" if bench.stop(check_visitor(visitor)) else "nothing to stop"
 
 
+def run_label(settings: training.RunSettings, run_id: str) -> str:
+    """A run as a visitor tells their runs apart: when it started, and the settings recipes change."""
+    when = f"{run_id[9:11]}:{run_id[11:13]}:{run_id[13:15]}" if len(run_id) >= 15 else run_id
+    loss = "+".join(settings.loss_type)
+    return (f"{when} · β {settings.beta:g} · {settings.num_train_epochs:g} ep · {loss} · lr {settings.learning_rate:g}"
+            f" · r {settings.lora_r}")
+
+
+def run_choices(bench: Workbench, visitor) -> list[tuple[str, str]]:
+    """(label, run id) of the visitor's runs on disk, newest first."""
+    try:
+        runs = bench.runs(check_visitor(visitor))
+    except DPOSpaceError:
+        return []
+    out = []
+    for run in reversed(runs):
+        try:
+            out.append((run_label(bench.settings_of(run), run.name), run.name))
+        except Exception:  # noqa: BLE001 - an unreadable old run is left out, never a crash of the page
+            continue
+    return out
+
+
 def run_status(bench: Workbench, visitor):
     """What the Train tab shows on each tick while a run is queued or running (the timer stops with the run): status
     line, charts, the probe's answers, downloads."""
@@ -417,7 +545,7 @@ def run_status(bench: Workbench, visitor):
     job = bench.job(visitor) if visitor else None
     if job is None:
         return ("No run yet.", empty, empty, empty, empty, pd.DataFrame(columns=["step", "answer"]), None, None, "",
-                empty, gr.Timer(active=False))
+                empty, gr.Timer(active=False), gr.update(), gr.update())
     metrics = job.metrics()
     last = metrics[-1] if metrics else {}
     ran = space.describe_run(job.settings, bench.hardware, job.output_dir)
@@ -436,8 +564,15 @@ def run_status(bench: Workbench, visitor):
     if displaced:
         status += f"\n\n**Warning — {displaced}**"
 
+    # the visitor's earlier runs still on disk, overlaid on every chart: recipes side by side
+    choices = run_choices(bench, visitor)
+    earlier = [(label, training.read_metrics(bench.root / visitor / run_id)) for label, run_id in choices
+               if run_id != job.id]
+
     def series(*names):
         rows = [{"step": m["step"], "value": m[n], "series": n} for m in metrics for n in names if n in m]
+        rows += [{"step": m["step"], "value": m[n], "series": f"{label} · {n}"} for label, old in earlier
+                 for m in old for n in names if n in m]
         return pd.DataFrame(rows, columns=["step", "value", "series"]) if rows else empty
 
     samples = pd.DataFrame([{"step": s["step"], "answer": s["answer"]} for s in job.samples()],
@@ -445,10 +580,14 @@ def run_status(bench: Workbench, visitor):
     adapter_zip = yaml_file = command = None
     if job.status in ("done", "stopped") and job.output_dir.exists():
         adapter_zip, yaml_file, command = space.run_downloads(job.output_dir)
+        if job.settings.report_to == "trackio":  # the run's dashboard, local-first
+            command = (f"# this run's metrics in trackio (project {training.TRACKIO_PROJECT}, run {job.id}):\n"
+                       f"trackio show --project {training.TRACKIO_PROJECT}\n\n{command}")
     loss = gr.LinePlot(value=series("loss"), caption=loss_caption(job.settings.loss_type))
     return (status, loss, series("rewards/margins"), series("rewards/accuracies"),
             series("rewards/chosen", "rewards/rejected"), samples, adapter_zip, yaml_file, command or "",
-            series("logps/chosen", "logps/rejected"), gr.Timer(active=job.active))
+            series("logps/chosen", "logps/rejected"), gr.Timer(active=job.active),
+            gr.update(choices=choices), gr.update(choices=choices))
 
 
 def push_adapter(bench: Workbench, visitor, token: str, repo_id: str):
@@ -477,31 +616,50 @@ def measures_markdown(text: str, reward: float | None) -> str:
 
 
 def compare(bench: Workbench, limits: Limits, answers: space.RateLimit, visitor, prompt, base_history, dpo_history,
-            temperature, top_p, max_new_tokens, seed, system_prompt):
-    """Stream the base answer, then the DPO answer, to the same prompt with the same seed; each side keeps its own
-    conversation, and each answer's implicit reward is scored in its own conversation."""
+            temperature, top_p, max_new_tokens, seed, system_prompt, run_ids=(), second_history=None):
+    """Stream the base answer, then the DPO answers (the visitor's latest run, or the one or two runs picked), to the
+    same prompt with the same seed; each column keeps its own conversation, and each answer's implicit reward is
+    scored in its own conversation under its own run's β."""
     visitor = check_visitor(visitor)
     answers.check(visitor)
     if not prompt or not prompt.strip():
         raise DPOSpaceError("Type a prompt first.")
+    run_ids = list(run_ids or [])
+    if len(run_ids) > 2:
+        raise DPOSpaceError("Pick at most two runs to compare with the base model.")
     sampling = sampling_from(temperature, top_p, max_new_tokens, seed, system_prompt, limits)
-    has_dpo = bench.run_dir(visitor) is not None
-    histories = {"base": list(base_history or []) + [{"role": "user", "content": prompt}],
-                 "dpo": list(dpo_history or []) + [{"role": "user", "content": prompt}]}
-    for side, history in histories.items():
-        history.append({"role": "assistant", "content": ""})
+    has_dpo = bool(run_ids) or bench.run_dir(visitor) is not None
+    columns = {"base": (None, base_history), "dpo": (run_ids[0] if run_ids else None, dpo_history)}
+    if len(run_ids) == 2:
+        columns["second"] = (run_ids[1], second_history)
+    histories = {side: list(history or []) + [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
+                 for side, (_, history) in columns.items()}
+
+    def shown_now(*measures):
+        measures = list(measures) + [""] * (3 - len(measures))
+        return (histories["base"], histories["dpo"], "", measures[0], measures[1],
+                histories.get("second", list(second_history or [])), measures[2])
+
+    for side, (run_id, _) in columns.items():
+        history = histories[side]
         if side == "dpo" and not has_dpo:
             job = bench.job(visitor)
             history[-1]["content"] = f"({job.message})" if job is not None and job.status == "evicted" else \
                 "(no DPO model yet: train one in the Train tab)"
             break
-        for text in bench.answer(visitor, history[:-1], sampling, dpo=side == "dpo"):
+        for text in bench.answer(visitor, history[:-1], sampling, dpo=side != "base", run_id=run_id):
             history[-1]["content"] = text
-            yield histories["base"], histories["dpo"], "", "", ""
-    scored = [(history[:-1], history[-1]["content"]) for history in histories.values()]
-    rewards = bench.rewards(visitor, scored, sampling.system_prompt) if has_dpo else [None, None]
-    yield (histories["base"], histories["dpo"], "", measures_markdown(scored[0][1], rewards[0]),
-           measures_markdown(scored[1][1], rewards[1]) if has_dpo else "")
+            yield shown_now()
+    measures = [measures_markdown(histories["base"][-1]["content"], None)]
+    for side, (run_id, _) in list(columns.items())[1:]:
+        if not has_dpo:
+            measures.append("")
+            continue
+        answer = histories[side][-1]["content"]
+        reward, = bench.rewards(visitor, [(histories[side][:-1], answer)], sampling.system_prompt, run_id)
+        label = dict((r, l) for l, r in run_choices(bench, visitor)).get(run_id) if run_id else None
+        measures.append((f"**{label}** · " if label else "") + measures_markdown(answer, reward))
+    yield shown_now(*measures)
 
 
 # the bars of the Evaluate chart: shares and 0–1 scores, where a collapse shows as refusal and Self-BLEU up, EAD down
@@ -527,7 +685,7 @@ def summary_markdown(summary: dict, measures: dict) -> str:
 
 
 def evaluate(bench: Workbench, limits: Limits, answers: space.RateLimit, visitor, prompts_text, temperature, top_p,
-             max_new_tokens, seed, system_prompt, progress=gr.Progress(track_tqdm=True)):
+             max_new_tokens, seed, system_prompt, run_ids=(), progress=gr.Progress(track_tqdm=True)):
     visitor = check_visitor(visitor)
     answers.check(visitor)
     prompts = [p.strip() for p in (prompts_text or "").split("\n") if p.strip()]
@@ -535,22 +693,39 @@ def evaluate(bench: Workbench, limits: Limits, answers: space.RateLimit, visitor
         prompts = data.read_prompts(EXAMPLES / "wakarimasen_eval.json")
     capped = len(prompts) > limits.eval_prompts
     prompts = prompts[: limits.eval_prompts]
+    run_ids = list(run_ids or [])
+    if len(run_ids) > 2:
+        raise DPOSpaceError("Pick at most two runs to evaluate beside the base model.")
     sampling = sampling_from(temperature, top_p, max_new_tokens, seed, system_prompt, limits)
-    report = bench.evaluate(visitor, prompts, sampling)
-    table = pd.DataFrame([{
-        "prompt": r["prompt"], "base": r["base"], "dpo": r["dpo"],
-        "refusal (base / dpo)": f"{'yes' if r['base_measures']['refusal'] else 'no'} / "
-                                f"{'yes' if r['dpo_measures']['refusal'] else 'no'}",
-        "repetition (base / dpo)": f"{r['base_measures']['repetition']:.2f} / {r['dpo_measures']['repetition']:.2f}",
-    } for r in report["rows"]])
-    summary = report["summary"]
+    report = bench.evaluate(visitor, prompts, sampling, run_ids or None)
+    # every model by the name a visitor knows it by: "dpo" for their latest run, else the picked runs' labels
+    labels = dict((run_id, label) for label, run_id in run_choices(bench, visitor))
+    names = {"base": "base", "dpo": labels.get(run_ids[0], run_ids[0]) if run_ids else "dpo"}
+    names |= {run_id: labels.get(run_id, run_id) for run_id in run_ids[1:]}
+
+    def answers_of(row):
+        return {"base": (row["base"], row["base_measures"]), "dpo": (row["dpo"], row["dpo_measures"]),
+                **{side: (o["answer"], o["measures"]) for side, o in row["others"].items()}}
+
+    def table_row(row):
+        each = answers_of(row)
+        out = {"prompt": row["prompt"], **{names[side]: answer for side, (answer, _) in each.items()}}
+        out[f"refusal ({' / '.join(names.values())})"] = " / ".join("yes" if m["refusal"] else "no"
+                                                                   for _, m in each.values())
+        out[f"repetition ({' / '.join(names.values())})"] = " / ".join(f"{m['repetition']:.2f}"
+                                                                      for _, m in each.values())
+        return out
+
+    table = pd.DataFrame([table_row(r) for r in report["rows"]])
+    summary = {names[side]: s for side, s in report["summary"].items()}
     # one bar per measure and model, side by side (a shared x would stack them, which reads as a sum)
-    chart = pd.DataFrame([{"bar": f"{k} · {side}", "value": float(summary[side][k]), "model": side}
-                          for k in SUMMARY_MEASURES for side in ("base", "dpo")])
+    bars = [f"{k} · {name}" for k in SUMMARY_MEASURES for name in summary]
+    chart = pd.DataFrame([{"bar": f"{k} · {name}", "value": float(summary[name][k]), "model": name}
+                          for k in SUMMARY_MEASURES for name in summary])
     text = summary_markdown(summary, report.get("measures", {}))
     if capped:
         text += f"\n\n(the first {limits.eval_prompts} prompts: the cap here)"
-    return table, text, chart, frame_to_csv(table, "evaluation.csv")
+    return table, text, gr.BarPlot(value=chart, sort=bars), frame_to_csv(table, "evaluation.csv")
 
 
 def inspect_pairs(bench: Workbench, limits: Limits, answers: space.RateLimit, visitor, rows,
@@ -612,6 +787,24 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
                 extreme_prompts = gr.Textbox(lines=5, label=i18n("extreme_prompts"))
                 extreme_chosen = gr.Textbox(data.SEED_REFUSAL, label=i18n("extreme_chosen"))
                 extreme_build = gr.Button(i18n("extreme_build"))
+            with gr.Accordion(i18n("collect"), open=False):
+                game = gr.State(None)
+                collect_status = gr.Markdown(game_status(None), elem_id="collect-status")
+                with gr.Row():
+                    collect_prompt = gr.Textbox(label=i18n("prompt"), scale=4, elem_id="collect-prompt")
+                    collect_seed = gr.Number(0, label="seed", precision=0, scale=1)
+                    two = gr.Button(i18n("two_answers"), elem_id="two-answers")
+                    game_start = gr.Button(i18n("game"), elem_id="start-game")
+                with gr.Row():
+                    answer_a = gr.Textbox(label="A", lines=4, interactive=False, elem_id="answer-a")
+                    answer_b = gr.Textbox(label="B", lines=4, interactive=False, elem_id="answer-b")
+                with gr.Row():
+                    pick_a = gr.Button(i18n("pick_a"), elem_id="pick-a")
+                    pick_b = gr.Button(i18n("pick_b"), elem_id="pick-b")
+                with gr.Row():
+                    own = gr.Textbox(label=i18n("own_answer"), lines=2, scale=4)
+                    pick_own = gr.Button(i18n("pick_own"))
+                game_train = gr.Button(i18n("game_train"), variant="primary", elem_id="game-train")
             with gr.Accordion(i18n("token_audit"), open=False):
                 audit_button = gr.Button(i18n("token_audit_run"))
                 audit_report = gr.Markdown(elem_id="token-audit")
@@ -619,7 +812,8 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
         with gr.Tab(i18n("train")):
             with gr.Row():
                 model = gr.Dropdown(model_choices(bench.hardware), value=default_model, label=i18n("model"))
-                recipe = gr.Dropdown([(v, k) for k, v in RECIPE_LABELS.items()], value="seed", label=i18n("recipe"))
+                recipe = gr.Dropdown([(v, k) for k, v in RECIPE_LABELS.items()], value="seed", label=i18n("recipe"),
+                                     elem_id="recipe")
             widgets = {}
             with gr.Row():
                 for name in UP_FRONT:
@@ -663,12 +857,16 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
             timer = gr.Timer(1.0, active=False)  # polls only while this visitor's run is queued or running
 
         with gr.Tab(i18n("compare")):
+            compare_runs = gr.Dropdown([], value=[], multiselect=True, max_choices=2, label=i18n("pick_runs"),
+                                       info=i18n("pick_runs_info"), elem_id="compare-runs")
             with gr.Row():
                 base_chat = gr.Chatbot(label=i18n("base"), height=380, elem_id="base-chat")
                 dpo_chat = gr.Chatbot(label=i18n("dpo"), height=380, elem_id="dpo-chat")
+                second_chat = gr.Chatbot(label=i18n("second_run"), height=380, visible=False, elem_id="second-chat")
             with gr.Row():
                 base_measures = gr.Markdown(elem_id="base-measures")
                 dpo_measures = gr.Markdown(elem_id="dpo-measures")
+                second_measures = gr.Markdown(visible=False, elem_id="second-measures")
             with gr.Row():
                 prompt = gr.Textbox(label=i18n("prompt"), scale=4, elem_id="compare-prompt")
                 send = gr.Button(i18n("send"), variant="primary", elem_id="send")
@@ -683,6 +881,8 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
 
         with gr.Tab(i18n("evaluate")):
             eval_prompts = gr.Textbox(lines=4, label=i18n("eval_prompts"))
+            eval_runs = gr.Dropdown([], value=[], multiselect=True, max_choices=2, label=i18n("pick_runs"),
+                                    info=i18n("pick_runs_info"), elem_id="eval-runs")
             run_eval = gr.Button(i18n("run_eval"), variant="primary")
             eval_summary = gr.Markdown()
             eval_chart = gr.BarPlot(x="bar", y="value", color="model", title="base vs DPO", x_title="",
@@ -719,6 +919,16 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
                                   build_extreme(bench, limits, p, c, progress)),
                             [extreme_prompts, extreme_chosen], [rows, table, report], api_name="build_extreme")
 
+        two.click(shown(lambda v, p, sd: two_answers(bench, limits, answers, v, p, sd)),
+                  [visitor, collect_prompt, collect_seed], [answer_a, answer_b], api_name="two_answers")
+        game_start.click(shown(lambda v, sd: start_game(bench, limits, answers, v, sd)), [visitor, collect_seed],
+                         [game, collect_prompt, answer_a, answer_b, own, collect_status], api_name="start_game")
+        pick_outputs = [rows, table, report, game, collect_prompt, answer_a, answer_b, own, collect_status]
+        for button, choice in ((pick_a, "a"), (pick_b, "b"), (pick_own, "own")):
+            button.click(shown(lambda v, r, g, p, a, b, o, sd, choice=choice:
+                               pick(bench, limits, answers, v, r, g, p, a, b, choice, o, sd)),
+                         [visitor, rows, game, collect_prompt, answer_a, answer_b, own, collect_seed], pick_outputs,
+                         api_name=f"pick_{choice}")
         audit_button.click(shown(lambda r, m, n, sp: token_audit(bench, r, m, n, sp)),
                            [rows, model, widgets["max_length"], widgets["system_prompt"]], audit_report,
                            api_name="token_lengths")
@@ -732,8 +942,11 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
         start.click(shown(lambda *a: (yield from start_run(bench, limits, runs, *a))),
                     [visitor, rows, model, max_pairs, probe, *settings_widgets], [status, timer], api_name="train")
         stop.click(shown(lambda v: stop_run(bench, v)), visitor, status, api_name="stop")
+        game_train.click(shown(lambda *a: (yield from train_on_game(bench, limits, runs, *a))),
+                         [visitor, game, model, max_pairs, probe, *settings_widgets],
+                         [rows, table, report, status, timer], api_name="train_game")
         outputs = [status, loss_plot, margin_plot, accuracy_plot, rewards_plot, samples, adapter_zip, run_yaml, replay,
-                   logps_plot, timer]
+                   logps_plot, timer, compare_runs, eval_runs]
         timer.tick(shown(lambda v: run_status(bench, v)), visitor, outputs, api_name="status", show_progress="hidden")
         push.click(shown(lambda v, t, r: push_adapter(bench, v, t, r)), [visitor, token, repo], push_result,
                    api_name="push")
@@ -741,13 +954,20 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
         sampling_inputs = [temperature, top_p, max_new, sample_seed, chat_system]
         for trigger, api_name in ((send.click, "compare"), (prompt.submit, False)):
             trigger(shown(lambda *a: (yield from compare(bench, limits, answers, *a))),
-                    [visitor, prompt, base_chat, dpo_chat, *sampling_inputs],
-                    [base_chat, dpo_chat, prompt, base_measures, dpo_measures], api_name=api_name)
-        clear.click(lambda: ([], [], "", ""), None, [base_chat, dpo_chat, base_measures, dpo_measures],
-                    api_name="clear")
+                    [visitor, prompt, base_chat, dpo_chat, *sampling_inputs, compare_runs, second_chat],
+                    [base_chat, dpo_chat, prompt, base_measures, dpo_measures, second_chat, second_measures],
+                    api_name=api_name)
+        clear.click(lambda: ([], [], "", "", [], ""), None,
+                    [base_chat, dpo_chat, base_measures, dpo_measures, second_chat, second_measures], api_name="clear")
+        # two runs picked: a third column; each pick starts the conversations afresh (a column is one model's)
+        compare_runs.change(lambda picked: (gr.update(visible=len(picked or []) == 2, value=[]),
+                                            gr.update(visible=len(picked or []) == 2, value=""), [], [], "", ""),
+                            compare_runs, [second_chat, second_measures, base_chat, dpo_chat, base_measures,
+                                           dpo_measures], api_name=False)
         run_eval.click(shown(lambda *a, progress=gr.Progress(track_tqdm=True):
                              evaluate(bench, limits, answers, *a, progress=progress)),
-                       [visitor, eval_prompts, *sampling_inputs], [eval_table, eval_summary, eval_chart, eval_csv],
+                       [visitor, eval_prompts, *sampling_inputs, eval_runs],
+                       [eval_table, eval_summary, eval_chart, eval_csv],
                        api_name="evaluate")
         def health() -> str:  # for operators and bench/soak.py (gr.api reads the return type)
             return json.dumps(bench.health())

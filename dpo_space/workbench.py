@@ -146,7 +146,14 @@ class Workbench:
         run = self.run_dir(visitor)
         return self.chat.adapter(run) if run else None
 
-    def _dpo_run(self, visitor: str) -> str:
+    def _dpo_run(self, visitor: str, run_id: str | None = None) -> str:
+        """The run folder of this visitor's run `run_id` (one of `runs`), or of their latest usable run."""
+        if run_id:
+            run = self.root / check_visitor(visitor) / run_id
+            if run not in self.runs(visitor):
+                raise DPOSpaceError(f"run {run_id!r} is no longer on disk (the Space keeps each visitor's newest "
+                                    "runs): pick another or train again")
+            return str(run)
         run = self.run_dir(check_visitor(visitor))
         if run is None:
             job = self.job(visitor)
@@ -154,22 +161,38 @@ class Workbench:
                                 "no DPO model yet: train one in the Train tab first")
         return run
 
-    def answer(self, visitor: str, conversation, sampling: Sampling, *, dpo: bool) -> Iterator[str]:
-        """Stream one side of Compare: the base (every adapter off) or this visitor's DPO model."""
-        yield from gpu.answer(conversation, sampling, self._dpo_run(visitor) if dpo else None)
+    def runs(self, visitor: str) -> list[Path]:
+        """This visitor's finished runs still on disk, oldest first (retention keeps their newest few): what the Train
+        charts overlay, and what Compare and Evaluate put side by side."""
+        folder = self.root / check_visitor(visitor)
+        return sorted(p for p in folder.glob("[!.]*") if is_finished_run(p)) if folder.is_dir() else []
 
-    def rewards(self, visitor: str, scored: list, system_prompt: str | None) -> list[float | None]:
-        """The implicit reward (β of the visitor's run) of each (conversation, answer) under their DPO model."""
-        run = self.run_dir(check_visitor(visitor))
+    def settings_of(self, run_dir: str | Path) -> RunSettings:
+        values, _ = read_run_config(Path(run_dir) / "run.yaml")
+        return RunSettings.from_dict({**values, "output_dir": str(run_dir)})
+
+    def answer(self, visitor: str, conversation, sampling: Sampling, *, dpo: bool,
+               run_id: str | None = None) -> Iterator[str]:
+        """Stream one side of Compare: the base (every adapter off) or one of this visitor's DPO models (their latest
+        unless `run_id` names another)."""
+        yield from gpu.answer(conversation, sampling, self._dpo_run(visitor, run_id) if dpo else None)
+
+    def rewards(self, visitor: str, scored: list, system_prompt: str | None,
+                run_id: str | None = None) -> list[float | None]:
+        """The implicit reward (with that run's β) of each (conversation, answer) under one of the visitor's DPO
+        models (their latest unless `run_id`)."""
+        run = self._dpo_run(visitor, run_id) if run_id else self.run_dir(check_visitor(visitor))
         if run is None:
             return [None] * len(scored)
-        return gpu.rewards(scored, self._jobs[visitor].settings.beta, system_prompt, run)
+        return gpu.rewards(scored, self.settings_of(run).beta, system_prompt, run)
 
     def base_answers(self, prompts: list[str], sampling: Sampling) -> list[str]:
         return gpu.base_answers(prompts, sampling)
 
-    def evaluate(self, visitor: str, prompts: list[str], sampling: Sampling) -> dict:
-        return gpu.evaluate(prompts, sampling, self._dpo_run(visitor))
+    def evaluate(self, visitor: str, prompts: list[str], sampling: Sampling, run_ids: list[str] | None = None) -> dict:
+        """The base and one or more of the visitor's DPO models (their latest unless `run_ids`) on the same prompts."""
+        runs = [self._dpo_run(visitor, r) for r in run_ids] if run_ids else [self._dpo_run(visitor)]
+        return gpu.evaluate(prompts, sampling, runs[0], runs[1:])
 
     def pair_report(self, visitor: str, rows: list[dict]) -> list[dict]:
         """Each pair scored as the visitor's run trained it: its β and its system prompt."""

@@ -106,6 +106,38 @@ def test_journey(page, tmp_path):
     assert "暗黙の報酬" in page.locator("body").inner_text()  # Japanese by default for a Japanese browser
     shot(page, "5-learn")
 
+    # A second run with another recipe: the charts overlay the first run, and Compare puts the two in columns
+    page.get_by_role("tab", name="学習").click()
+    page.locator("#recipe input").click()
+    page.get_by_role("option", name=re.compile("崩壊の対策: β↑")).click()
+    page.wait_for_timeout(500)
+    page.locator("#start").click()
+    page.locator("#run-status").get_by_text(re.compile(r"running|waiting")).first.wait_for(timeout=60_000)
+    try:
+        page.locator("#run-status").get_by_text("done").wait_for(timeout=240_000)
+    finally:
+        shot(page, "7-train-two-runs")
+    page.locator("#loss-plot").get_by_text(re.compile("β 0.1 · ")).first.wait_for()  # the first run, overlaid
+    shot(page, "7-train-two-runs")
+    page.get_by_role("tab", name="比較").click()
+    runs = page.locator("#compare-runs input")
+    for _ in range(2):
+        runs.click()
+        page.get_by_role("option").first.click()
+    page.locator("#second-chat").wait_for()
+    page.locator("#compare-prompt textarea").fill("部屋の掃除のコツは?")
+    page.locator("#send").click()
+    page.locator("#second-measures").get_by_text("implicit reward").wait_for(timeout=60_000)
+    assert "β 0.5" in page.locator("#dpo-measures").inner_text() + page.locator("#second-measures").inner_text()
+    shot(page, "8-compare-two-runs")
+
+    # Data: the token-length audit with the picked model's tokenizer
+    page.get_by_role("tab", name="データ").click()
+    page.get_by_text("トークン長を調べる").click()
+    page.get_by_role("button", name=re.compile("トークナイザで数える")).click()
+    page.locator("#token-audit").get_by_text("p99").wait_for()
+    assert "cuts 0%" in page.locator("#token-audit").inner_text()
+
     # Data: a broken upload shows its error and the dataset stays
     page.get_by_role("tab", name="データ").click()
     broken = tmp_path / "broken.json"

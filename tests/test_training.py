@@ -126,6 +126,33 @@ def test_bad_settings_are_named_before_loading():
         RunSettings.from_dict({"lora_rank": 4})
     with pytest.raises(DPOSpaceError, match="loss_weights has 1 values for 2 loss types"):
         RunSettings(loss_type=["sigmoid", "sft"], loss_weights=[1.0]).check()
+    with pytest.raises(DPOSpaceError, match="report_to: one of none, trackio"):
+        RunSettings(report_to="mlflow-typo").check()
+
+
+def test_a_tracker_that_is_not_installed_is_refused_by_name(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trackio" else real(name, *a))
+    with pytest.raises(DPOSpaceError, match="trackio package is not installed here"):
+        RunSettings(report_to="trackio").check()
+    RunSettings(report_to="none").check()  # never required
+
+
+def test_trackio_gets_the_runs_metrics_when_asked(tiny_model_dir, wakarimasen_pairs, tmp_path, monkeypatch):
+    pytest.importorskip("trackio")
+    from trackio.sqlite_storage import SQLiteStorage
+
+    # trackio's local store, here (it reads TRACKIO_DIR once, at import)
+    monkeypatch.setattr("trackio.sqlite_storage.TRACKIO_DIR", tmp_path / "trackio")
+    out = tmp_path / "run"
+    result = train(settings_for(tiny_model_dir, out, load_in_4bit=False, max_steps=3, report_to="trackio"),
+                   wakarimasen_pairs)
+    logs = SQLiteStorage.get_logs("dpo-space", "run")
+    losses = [log["train/loss"] for log in logs if "train/loss" in log]
+    assert losses == pytest.approx([r["loss"] for r in result.metrics])
+    assert yaml.safe_load((out / "run.yaml").read_text())["project"] == "dpo-space"  # replays to the same project
 
 
 def test_sft_term_mixes_into_the_loss_with_its_weight(tiny_model_dir, wakarimasen_pairs, tmp_path):

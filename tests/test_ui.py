@@ -49,7 +49,7 @@ SETTING_VALUES = dict(beta=0.1, lora_r=8, num_train_epochs=1, lora_alpha=8, lora
                       gradient_accumulation_steps=1, max_length=256, warmup_steps=0, loss_type="sigmoid (DPO)",
                       loss_weights=1.0, seed=0, load_in_4bit=True, bnb_4bit_quant_type="nf4",
                       use_bnb_nested_quant=True, gradient_checkpointing=False, precision="auto",
-                      system_prompt="あなたは日本語チャットbotです。ユーザの質問答えてください。")
+                      system_prompt="あなたは日本語チャットbotです。ユーザの質問答えてください。", report_to="none")
 assert list(SETTING_VALUES) == list(__import__("dpo_space.ui").ui.SETTINGS)
 TRAIN_ARGS = dict(model=models.EMBEDDED, max_pairs=32, probe="人はどんなことをしてもらうと嬉しいですか?",
                   **SETTING_VALUES)
@@ -127,7 +127,7 @@ def test_train_compare_evaluate_inspect(client, server):
     logps = result[9]["data"]  # the likelihood-displacement chart: both log-probs at every logged step
     assert {row[2] for row in logps} == {"logps/chosen", "logps/rejected"} and len(logps) == 2 * len(loss)
 
-    base, dpo, _, base_m, dpo_m = client.predict(visitor, "人はどんなことをしてもらうと嬉しいですか?", [], [], 0.6, 0.9,
+    base, dpo, _, base_m, dpo_m, *_ = client.predict(visitor, "人はどんなことをしてもらうと嬉しいですか?", [], [], 0.6, 0.9,
                                                   64, 0, "あなたは日本語チャットbotです。ユーザの質問答えてください。",
                                                   api_name="/compare")
     assert base[-1]["role"] == "assistant" and base[-1]["content"]
@@ -137,7 +137,7 @@ def test_train_compare_evaluate_inspect(client, server):
                                                      api_name="/evaluate")
     assert len(table["data"]) == 2 and "refusal" in summary and csv_path.endswith(".csv")
     assert "EAD-2" in summary and "Self-BLEU" in summary and "KL estimate" in summary and "entropy" in summary
-    assert {row[0].split(" · ")[0] for row in chart["data"]} == set(ui.SUMMARY_MEASURES)
+    assert {row[0].split(" · ")[0] for row in chart["value"]["data"]} == set(ui.SUMMARY_MEASURES)
 
     table, summary, _ = client.predict(visitor, api_name="/inspect")
     assert "ranks" in summary and len(table["data"]) == 650
@@ -352,7 +352,7 @@ def test_each_setting_shown_in_the_ui_reaches_trl():
                  lora_target_modules=["q_proj", "k_proj"], learning_rate=1e-4, per_device_train_batch_size=2,
                  gradient_accumulation_steps=3, max_length=512, warmup_steps=0.2, loss_type="ipo", loss_weights=0.5,
                  seed=7, load_in_4bit=False, bnb_4bit_quant_type="fp4", use_bnb_nested_quant=False,
-                 gradient_checkpointing=True, precision="bf16", system_prompt="別の指示")
+                 gradient_checkpointing=True, precision="bf16", system_prompt="別の指示", report_to="trackio")
     assert set(other) == set(ui.SETTINGS)
     hardware = models.Hardware("cpu", "CPU", "fp32")
     base_values = dict(SETTING_VALUES, loss_type="sigmoid + sft")  # so that the SFT weight is in play
@@ -461,3 +461,75 @@ def test_token_audit_counts_with_the_picked_models_tokenizer(server, monkeypatch
     qwen = models.PRESETS["qwen2.5-0.5b"].model_id
     with pytest.raises(Exception, match=f"could not load the tokenizer of '{qwen}'.*could not connect"):
         c.predict("qwen2.5-0.5b", 1024, "", api_name="/token_lengths")
+
+
+def test_runs_side_by_side_in_charts_compare_and_evaluate(server):
+    """A visitor's runs stay side by side: the second run's charts overlay the first, Compare answers from the base and
+    both runs in three columns, and Evaluate summarises all three models in one table and one chart."""
+    c = gradio_client.Client(server[0], verbose=False)
+    visitor = new_visitor(c)
+    c.predict(next(iter(ui.EXAMPLE_FILES)), api_name="/load_example")
+    args = dict(TRAIN_ARGS, max_pairs=16)
+    ids = []
+    for beta in (0.1, 0.5):
+        c.predict(visitor, *dict(args, beta=beta).values(), api_name="/train")
+        result = wait_for(c, visitor)
+        assert "done" in result[0]
+        ids.append(re.search(r"/(\d{8}-\d{6}-[0-9a-f]{6})", result[0]).group(1))
+        time.sleep(1.1)  # run ids are by the second
+    choices = result[11]["choices"]
+    assert [run_id for _, run_id in choices] == ids[::-1]  # newest first, labelled by settings
+    assert "β 0.5" in choices[0][0] and "β 0.1" in choices[1][0]
+    loss_series = {row[2] for row in result[1]["value"]["data"]}
+    assert loss_series == {"loss", f"{choices[1][0]} · loss"}  # the first run overlaid on the second's chart
+
+    out = c.predict(visitor, "旅行の準備は?", [], [], 0.0, 0.9, 24, 0, "", ids, [], api_name="/compare")
+    base, first_run, _, _, first_m, second_run, second_m = out
+    assert base[-1]["content"] and first_run[-1]["content"] and second_run[-1]["content"]
+    assert choices[1][0] in first_m and choices[0][0] in second_m and "implicit reward" in second_m
+    with pytest.raises(Exception, match="at most two runs"):
+        c.predict(visitor, "旅行の準備は?", [], [], 0.0, 0.9, 24, 0, "", ids + ids[:1], [], api_name="/compare")
+
+    table, summary, chart, _ = c.predict(visitor, "旅行の準備は?\n部屋の掃除のコツは?", 0.0, 0.9, 16, 0, "", ids,
+                                         api_name="/evaluate")
+    assert table["headers"][:4] == ["prompt", "base", choices[1][0], choices[0][0]]
+    assert summary.count("- **") == 3 and {row[2] for row in chart["value"]["data"]} == {"base", choices[1][0], choices[0][0]}
+    import shutil
+
+    shutil.rmtree(server[1].root / visitor / ids[0])  # retention removed the first run while the page still lists it
+    with pytest.raises(Exception, match="no longer on disk"):
+        c.predict(visitor, "旅行の準備は?", [], [], 0.0, 0.9, 24, 0, "", ids, [], api_name="/compare")
+
+
+def test_pairs_collected_in_the_browser_and_a_game_that_ends_in_a_run(server):
+    """On-policy data: the base answers twice, the visitor's pick becomes a pair in the dataset; a game of ten prompts
+    keeps its pairs apart and ends in a run on them."""
+    c = gradio_client.Client(server[0], verbose=False)
+    visitor = new_visitor(c)
+    c.predict(next(iter(ui.EXAMPLE_FILES)), api_name="/load_example")
+    a, b = c.predict(visitor, "旅行の準備は?", 0, api_name="/two_answers")
+    assert a and b and a != b  # two samples
+    table, report, prompt, *_ = c.predict(visitor, "旅行の準備は?", a, b, "", 0, api_name="/pick_a")
+    assert len(table["data"]) == 651 and table["data"][-1] == ["旅行の準備は?", a, b] and "651 pairs" in report
+    with pytest.raises(Exception, match="Write your own answer first"):
+        c.predict(visitor, "旅行の準備は?", a, b, "  ", 0, api_name="/pick_own")
+    table, *_ = c.predict(visitor, "旅行の準備は?", a, b, "前日までに持ち物を書き出しましょう。", 0, api_name="/pick_own")
+    assert table["data"][-1] == ["旅行の準備は?", "前日までに持ち物を書き出しましょう。", a]
+    with pytest.raises(Exception, match="is identical"):  # a pick that is no preference is refused, the data kept
+        c.predict(visitor, "旅行の準備は?", a, a, "", 0, api_name="/pick_a")
+
+    prompt, a, b, _, status = c.predict(visitor, 0, api_name="/start_game")
+    assert "Prompt 1 of 10" in status and prompt in ui.game_prompts(0)
+    from dpo_space import corpus, embedded
+
+    held = embedded.excluded_from_sft(embedded.read_corpus())  # a game's pairs train a run: never a held-out prompt
+    assert not {corpus.key(p) for p in ui.game_prompts(0)} & held
+    with pytest.raises(Exception, match="Finish the game first: 0 of 10"):
+        c.predict(visitor, *list(TRAIN_ARGS.values()), api_name="/train_game")
+    for i in range(10):
+        _, _, prompt, a, b, _, status = c.predict(visitor, prompt, a, b, "", 0, api_name="/pick_b")
+    assert "10 pairs collected" in status
+    out = c.predict(visitor, *list(TRAIN_ARGS.values()), api_name="/train_game")
+    table, report, queued = out[0], out[1], out[2]
+    assert len(table["data"]) == 10 and "10 pairs" in report and "queued" in queued
+    assert "done" in wait_for(c, visitor)[0]
