@@ -164,24 +164,26 @@ def base_answers(prompts: list[str], sampling: Sampling) -> list[str]:
     return generate_batch(chat.model, chat.tokenizer, prompts, sampling, use_adapter=False, batch_size=8)
 
 
-def evaluation_seconds(prompts: list[str], sampling: Sampling, models: int = 2) -> int:
-    """Each model's answers, K samples of the first few prompts from each, and a scoring pass per answer."""
-    answers = models * (len(prompts) + EVAL_K * min(len(prompts), EVAL_DIVERSITY_PROMPTS))
+def evaluation_seconds(prompts: list[str], sampling: Sampling, models: int = 2, k: int = 0) -> int:
+    """Each model's answers, k samples of the first few prompts from each, and a scoring pass per answer."""
+    answers = models * (len(prompts) + k * min(len(prompts), EVAL_DIVERSITY_PROMPTS))
     return generation_seconds(answers, sampling) + answers // 4
 
 
 EVAL_K, EVAL_DIVERSITY_PROMPTS = 4, 8
 
 
-@spaces.GPU(duration=lambda prompts, sampling, run_dir, more_runs=(): evaluation_seconds(prompts, sampling,
-                                                                                       2 + len(more_runs)))
-def evaluate(prompts: list[str], sampling: Sampling, run_dir: str, more_runs: list[str] | tuple = ()) -> dict:
-    """The base and the run's DPO model (and `more_runs`' models, labelled by run folder name) on the same prompts."""
+@spaces.GPU(duration=lambda prompts, sampling, run_dir, more_runs=(), k=EVAL_K:
+            evaluation_seconds(prompts, sampling, 2 + len(more_runs), k))
+def evaluate(prompts: list[str], sampling: Sampling, run_dir: str, more_runs: list[str] | tuple = (),
+             k: int = EVAL_K) -> dict:
+    """The base and the run's DPO model (and `more_runs`' models, labelled by run folder name) on the same prompts,
+    with `k` samples of the first few prompts per model for the per-prompt diversity and the KL estimate."""
     chat = chat_model()
     name = chat.adapter(run_dir)
     others = {Path(run).name: chat.adapter(run) for run in more_runs}
     return evaluate_answers(chat.model, chat.tokenizer, prompts, sampling, adapter_name=name, others=others,
-                            k=EVAL_K, diversity_prompts=EVAL_DIVERSITY_PROMPTS)
+                            k=k, diversity_prompts=EVAL_DIVERSITY_PROMPTS)
 
 
 @spaces.GPU(duration=lambda rows, beta, system_prompt, run_dir: 15 + len(rows))

@@ -40,6 +40,7 @@ class Limits:
     max_new_tokens: int = 1024
     max_length: int = 32_768  # tokens per training sequence
     eval_prompts: int = 1000
+    eval_samples: int = 16  # K samples per prompt in Evaluate (Kirk et al. use 16)
     inspect_pairs: int = 2000
     runs_per_hour: int = 1000  # per visitor
     answers_per_minute: int = 1000  # per visitor: Compare, Evaluate and the inspector each count one
@@ -51,7 +52,7 @@ class Limits:
             return cls()
         # every recipe fits (the over-train one runs 4 epochs); 650 pairs × 4 epochs at batch 8 is 328 steps
         return cls(shared=True, max_pairs=700, max_epochs=4, max_steps=400, max_new_tokens=256, max_length=1024,
-                   eval_prompts=40, inspect_pairs=100, runs_per_hour=6, answers_per_minute=20)
+                   eval_prompts=40, eval_samples=4, inspect_pairs=100, runs_per_hour=6, answers_per_minute=20)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ i18n = gr.I18n(
         "pick_b": "B のほうが良い", "own_answer": "自分で書いた、より良い回答", "pick_own": "自分の回答を chosen にする",
         "game_train": "集めたペアで学習する", "pick_runs": "比べる学習 (最大 2 つ)",
         "pick_runs_info": "空なら最新の学習。2 つ選ぶと列が 1 つ増えます (同じ seed・同じ生成設定)。",
-        "second_run": "DPO モデル (2 つ目)", "token_audit": "トークン長を調べる",
+        "second_run": "DPO モデル (2 つ目)",
+        "eval_k": "質問ごとのサンプル数 K", "eval_k_info": "最初の 8 問を温度 1 で K 回ずつ: 多様性と KL の推定 (0 で省略)", "token_audit": "トークン長を調べる",
         "token_audit_run": "「学習」タブで選んだモデルのトークナイザで数える", "max_pairs": "使うペア数の上限", "probe": "途中経過を見る質問",
         "intro": "Direct Preference Optimization (DPO) で言語モデルがどう変わるかを見る: 選好データ → 4-bit QLoRA DPO → "
                  "ベースモデルと DPO モデルを並べて比較。モード崩壊も含めて。",
@@ -65,7 +66,9 @@ i18n = gr.I18n(
         "pick_b": "B is better", "own_answer": "Your own, better answer", "pick_own": "Make my answer the chosen one",
         "game_train": "Train on my pairs", "pick_runs": "Runs to compare (at most two)",
         "pick_runs_info": "Empty: your latest run. Two: a third column (same seed, same sampling).",
-        "second_run": "DPO model (second run)", "token_audit": "Token lengths",
+        "second_run": "DPO model (second run)",
+        "eval_k": "Samples per prompt (K)", "eval_k_info": "The first 8 prompts, K times each at temperature 1: "
+                                                            "diversity and the KL estimate (0: skip)", "token_audit": "Token lengths",
         "token_audit_run": "Count with the tokenizer of the model picked in the Train tab", "max_pairs": "At most this many pairs", "probe": "Probe prompt",
         "intro": "See what Direct Preference Optimization does to a language model: preference data → 4-bit QLoRA DPO → "
                  "the base and the DPO model side by side, mode collapse included.",
@@ -545,7 +548,7 @@ def run_status(bench: Workbench, visitor):
     job = bench.job(visitor) if visitor else None
     if job is None:
         return ("No run yet.", empty, empty, empty, empty, pd.DataFrame(columns=["step", "answer"]), None, None, "",
-                empty, gr.Timer(active=False), gr.update(), gr.update())
+                empty, gr.Timer(active=False))
     metrics = job.metrics()
     last = metrics[-1] if metrics else {}
     ran = space.describe_run(job.settings, bench.hardware, job.output_dir)
@@ -586,8 +589,7 @@ def run_status(bench: Workbench, visitor):
     loss = gr.LinePlot(value=series("loss"), caption=loss_caption(job.settings.loss_type))
     return (status, loss, series("rewards/margins"), series("rewards/accuracies"),
             series("rewards/chosen", "rewards/rejected"), samples, adapter_zip, yaml_file, command or "",
-            series("logps/chosen", "logps/rejected"), gr.Timer(active=job.active),
-            gr.update(choices=choices), gr.update(choices=choices))
+            series("logps/chosen", "logps/rejected"), gr.Timer(active=job.active))
 
 
 def push_adapter(bench: Workbench, visitor, token: str, repo_id: str):
@@ -685,7 +687,7 @@ def summary_markdown(summary: dict, measures: dict) -> str:
 
 
 def evaluate(bench: Workbench, limits: Limits, answers: space.RateLimit, visitor, prompts_text, temperature, top_p,
-             max_new_tokens, seed, system_prompt, run_ids=(), progress=gr.Progress(track_tqdm=True)):
+             max_new_tokens, seed, system_prompt, run_ids=(), k=gpu.EVAL_K, progress=gr.Progress(track_tqdm=True)):
     visitor = check_visitor(visitor)
     answers.check(visitor)
     prompts = [p.strip() for p in (prompts_text or "").split("\n") if p.strip()]
@@ -697,7 +699,10 @@ def evaluate(bench: Workbench, limits: Limits, answers: space.RateLimit, visitor
     if len(run_ids) > 2:
         raise DPOSpaceError("Pick at most two runs to evaluate beside the base model.")
     sampling = sampling_from(temperature, top_p, max_new_tokens, seed, system_prompt, limits)
-    report = bench.evaluate(visitor, prompts, sampling, run_ids or None)
+    k = int(k or 0)
+    if not 0 <= k <= limits.eval_samples:
+        raise DPOSpaceError(f"samples per prompt (K): between 0 and {limits.eval_samples} here, got {k}")
+    report = bench.evaluate(visitor, prompts, sampling, run_ids or None, k)
     # every model by the name a visitor knows it by: "dpo" for their latest run, else the picked runs' labels
     labels = dict((run_id, label) for label, run_id in run_choices(bench, visitor))
     names = {"base": "base", "dpo": labels.get(run_ids[0], run_ids[0]) if run_ids else "dpo"}
@@ -856,7 +861,7 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
                 push_result = gr.Markdown()
             timer = gr.Timer(1.0, active=False)  # polls only while this visitor's run is queued or running
 
-        with gr.Tab(i18n("compare")):
+        with gr.Tab(i18n("compare")) as compare_tab:
             compare_runs = gr.Dropdown([], value=[], multiselect=True, max_choices=2, label=i18n("pick_runs"),
                                        info=i18n("pick_runs_info"), elem_id="compare-runs")
             with gr.Row():
@@ -879,10 +884,13 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
                     sample_seed = gr.Number(0, label="seed", precision=0)
                 chat_system = gr.Textbox(data.SEED_SYSTEM_PROMPT, label="system prompt")
 
-        with gr.Tab(i18n("evaluate")):
+        with gr.Tab(i18n("evaluate")) as evaluate_tab:
             eval_prompts = gr.Textbox(lines=4, label=i18n("eval_prompts"))
-            eval_runs = gr.Dropdown([], value=[], multiselect=True, max_choices=2, label=i18n("pick_runs"),
-                                    info=i18n("pick_runs_info"), elem_id="eval-runs")
+            with gr.Row():
+                eval_runs = gr.Dropdown([], value=[], multiselect=True, max_choices=2, label=i18n("pick_runs"),
+                                        info=i18n("pick_runs_info"), elem_id="eval-runs", scale=3)
+                eval_k = gr.Slider(0, limits.eval_samples, value=min(gpu.EVAL_K, limits.eval_samples), step=1,
+                                   label=i18n("eval_k"), info=i18n("eval_k_info"), scale=2)
             run_eval = gr.Button(i18n("run_eval"), variant="primary")
             eval_summary = gr.Markdown()
             eval_chart = gr.BarPlot(x="bar", y="value", color="model", title="base vs DPO", x_title="",
@@ -946,7 +954,7 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
                          [visitor, game, model, max_pairs, probe, *settings_widgets],
                          [rows, table, report, status, timer], api_name="train_game")
         outputs = [status, loss_plot, margin_plot, accuracy_plot, rewards_plot, samples, adapter_zip, run_yaml, replay,
-                   logps_plot, timer, compare_runs, eval_runs]
+                   logps_plot, timer]
         timer.tick(shown(lambda v: run_status(bench, v)), visitor, outputs, api_name="status", show_progress="hidden")
         push.click(shown(lambda v, t, r: push_adapter(bench, v, t, r)), [visitor, token, repo], push_result,
                    api_name="push")
@@ -957,6 +965,9 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
                     [visitor, prompt, base_chat, dpo_chat, *sampling_inputs, compare_runs, second_chat],
                     [base_chat, dpo_chat, prompt, base_measures, dpo_measures, second_chat, second_measures],
                     api_name=api_name)
+        # the runs to pick from, read when the tab opens (not on every status tick: a page stays quiet)
+        compare_tab.select(lambda v: gr.update(choices=run_choices(bench, v)), visitor, compare_runs, api_name="runs")
+        evaluate_tab.select(lambda v: gr.update(choices=run_choices(bench, v)), visitor, eval_runs, api_name=False)
         clear.click(lambda: ([], [], "", "", [], ""), None,
                     [base_chat, dpo_chat, base_measures, dpo_measures, second_chat, second_measures], api_name="clear")
         # two runs picked: a third column; each pick starts the conversations afresh (a column is one model's)
@@ -966,7 +977,7 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
                                            dpo_measures], api_name=False)
         run_eval.click(shown(lambda *a, progress=gr.Progress(track_tqdm=True):
                              evaluate(bench, limits, answers, *a, progress=progress)),
-                       [visitor, eval_prompts, *sampling_inputs, eval_runs],
+                       [visitor, eval_prompts, *sampling_inputs, eval_runs, eval_k],
                        [eval_table, eval_summary, eval_chart, eval_csv],
                        api_name="evaluate")
         def health() -> str:  # for operators and bench/soak.py (gr.api reads the return type)

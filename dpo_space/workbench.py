@@ -189,10 +189,12 @@ class Workbench:
     def base_answers(self, prompts: list[str], sampling: Sampling) -> list[str]:
         return gpu.base_answers(prompts, sampling)
 
-    def evaluate(self, visitor: str, prompts: list[str], sampling: Sampling, run_ids: list[str] | None = None) -> dict:
-        """The base and one or more of the visitor's DPO models (their latest unless `run_ids`) on the same prompts."""
+    def evaluate(self, visitor: str, prompts: list[str], sampling: Sampling, run_ids: list[str] | None = None,
+                 k: int = gpu.EVAL_K) -> dict:
+        """The base and one or more of the visitor's DPO models (their latest unless `run_ids`) on the same prompts,
+        `k` samples per prompt for the diversity measures (0: none)."""
         runs = [self._dpo_run(visitor, r) for r in run_ids] if run_ids else [self._dpo_run(visitor)]
-        return gpu.evaluate(prompts, sampling, runs[0], runs[1:])
+        return gpu.evaluate(prompts, sampling, runs[0], runs[1:], k)
 
     def pair_report(self, visitor: str, rows: list[dict]) -> list[dict]:
         """Each pair scored as the visitor's run trained it: its β and its system prompt."""

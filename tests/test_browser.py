@@ -78,7 +78,10 @@ def test_journey(page, tmp_path):
     # a reload mid-run neither stalls nor kills the run: the page reattaches to its live chart
     page.reload()
     page.get_by_role("tab", name="学習").click()
-    page.locator("#run-status").get_by_text("done").wait_for(timeout=180_000)
+    try:
+        page.locator("#run-status").get_by_text("done").wait_for(timeout=180_000)
+    finally:
+        shot(page, "2-train")
     assert "4-bit nf4" in page.locator("#run-status").inner_text()  # what ran, said on the page
     assert page.locator("#loss-plot canvas, #loss-plot svg").count() > 0
     shot(page, "2-train")
@@ -117,13 +120,12 @@ def test_journey(page, tmp_path):
         page.locator("#run-status").get_by_text("done").wait_for(timeout=240_000)
     finally:
         shot(page, "7-train-two-runs")
-    page.locator("#loss-plot").get_by_text(re.compile("β 0.1 · ")).first.wait_for()  # the first run, overlaid
     shot(page, "7-train-two-runs")
     page.get_by_role("tab", name="比較").click()
     runs = page.locator("#compare-runs input")
-    for _ in range(2):
+    for beta in ("β 0.1", "β 0.5"):  # the two runs, listed when the tab opened
         runs.click()
-        page.get_by_role("option").first.click()
+        page.get_by_role("option", name=re.compile(beta)).click()
     page.locator("#second-chat").wait_for()
     page.locator("#compare-prompt textarea").fill("部屋の掃除のコツは?")
     page.locator("#send").click()

@@ -477,7 +477,7 @@ def test_runs_side_by_side_in_charts_compare_and_evaluate(server):
         assert "done" in result[0]
         ids.append(re.search(r"/(\d{8}-\d{6}-[0-9a-f]{6})", result[0]).group(1))
         time.sleep(1.1)  # run ids are by the second
-    choices = result[11]["choices"]
+    choices = c.predict(visitor, api_name="/runs")["choices"]
     assert [run_id for _, run_id in choices] == ids[::-1]  # newest first, labelled by settings
     assert "β 0.5" in choices[0][0] and "β 0.1" in choices[1][0]
     loss_series = {row[2] for row in result[1]["value"]["data"]}
@@ -494,6 +494,10 @@ def test_runs_side_by_side_in_charts_compare_and_evaluate(server):
                                          api_name="/evaluate")
     assert table["headers"][:4] == ["prompt", "base", choices[1][0], choices[0][0]]
     assert summary.count("- **") == 3 and {row[2] for row in chart["value"]["data"]} == {"base", choices[1][0], choices[0][0]}
+    _, summary, *_ = c.predict(visitor, "旅行の準備は?", 0.0, 0.9, 16, 0, "", [], 0, api_name="/evaluate")
+    assert "samples of each" not in summary and "KL estimate" not in summary  # K = 0: the sampling is skipped
+    with pytest.raises(Exception, match=r"samples per prompt \(K\)|maximum"):
+        c.predict(visitor, "旅行の準備は?", 0.0, 0.9, 16, 0, "", [], 99, api_name="/evaluate")
     import shutil
 
     shutil.rmtree(server[1].root / visitor / ids[0])  # retention removed the first run while the page still lists it
