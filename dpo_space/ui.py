@@ -541,6 +541,10 @@ def run_choices(bench: Workbench, visitor) -> list[tuple[str, str]]:
     return out
 
 
+# The earlier runs a chart overlays, newest first, by the names its legend keeps (the status says which run is which)
+EARLIER_SLOTS = ("run −1", "run −2")
+
+
 def run_status(bench: Workbench, visitor):
     """What the Train tab shows on each tick while a run is queued or running (the timer stops with the run): status
     line, charts, the probe's answers, downloads."""
@@ -567,16 +571,24 @@ def run_status(bench: Workbench, visitor):
     if displaced:
         status += f"\n\n**Warning — {displaced}**"
 
-    # the visitor's earlier runs still on disk, overlaid on every chart: recipes side by side
-    choices = run_choices(bench, visitor)
-    earlier = [(label, training.read_metrics(bench.root / visitor / run_id)) for label, run_id in choices
-               if run_id != job.id]
+    # the visitor's two newest earlier runs still on disk, overlaid on every chart: recipes side by side
+    earlier = [(slot, label, training.read_metrics(bench.root / visitor / run_id)) for slot, (label, run_id) in
+               zip(EARLIER_SLOTS, [c for c in run_choices(bench, visitor) if c[1] != job.id], strict=False)]
+    if earlier:
+        status += "\n\nOverlaid: " + " · ".join(f"**{slot}** = {label}" for slot, label, _ in earlier)
 
     def series(*names):
         rows = [{"step": m["step"], "value": m[n], "series": n} for m in metrics for n in names if n in m]
-        rows += [{"step": m["step"], "value": m[n], "series": f"{label} · {n}"} for label, old in earlier
+        rows += [{"step": m["step"], "value": m[n], "series": f"{slot} · {n}"} for slot, _, old in earlier
                  for m in old for n in names if n in m]
-        return pd.DataFrame(rows, columns=["step", "value", "series"]) if rows else empty
+        if not rows:
+            return empty
+        # every series a chart can hold is named from its first point on, empty (null) or not: Gradio's plot fixes
+        # its colour domain when first drawn, and a series that joined later would never be drawn
+        named = {r["series"] for r in rows}
+        rows += [{"step": rows[0]["step"], "value": None, "series": name} for name in
+                 [*names, *(f"{slot} · {n}" for slot in EARLIER_SLOTS for n in names)] if name not in named]
+        return pd.DataFrame(rows, columns=["step", "value", "series"])
 
     samples = pd.DataFrame([{"step": s["step"], "answer": s["answer"]} for s in job.samples()],
                            columns=["step", "answer"])
@@ -652,15 +664,22 @@ def compare(bench: Workbench, limits: Limits, answers: space.RateLimit, visitor,
         for text in bench.answer(visitor, history[:-1], sampling, dpo=side != "base", run_id=run_id):
             history[-1]["content"] = text
             yield shown_now()
-    measures = [measures_markdown(histories["base"][-1]["content"], None)]
-    for side, (run_id, _) in list(columns.items())[1:]:
-        if not has_dpo:
-            measures.append("")
-            continue
-        answer = histories[side][-1]["content"]
-        reward, = bench.rewards(visitor, [(histories[side][:-1], answer)], sampling.system_prompt, run_id)
-        label = dict((r, l) for l, r in run_choices(bench, visitor)).get(run_id) if run_id else None
-        measures.append((f"**{label}** · " if label else "") + measures_markdown(answer, reward))
+    # each answer's implicit reward, in its own conversation: the base's and the first run's under the first run,
+    # the second run's under its own (and its own β)
+    labels = dict((r, l) for l, r in run_choices(bench, visitor)) if run_ids else {}
+    first = [(histories[side][:-1], histories[side][-1]["content"]) for side in ("base", "dpo")]
+    rewards = bench.rewards(visitor, first, sampling.system_prompt, columns["dpo"][0]) if has_dpo else [None, None]
+    measures = [measures_markdown(first[0][1], rewards[0])]
+    if has_dpo:
+        label = labels.get(columns["dpo"][0])
+        measures.append((f"**{label}** · " if label else "") + measures_markdown(first[1][1], rewards[1]))
+    else:
+        measures.append("")
+    if "second" in columns:
+        run_id = columns["second"][0]
+        answer = histories["second"][-1]["content"]
+        reward, = bench.rewards(visitor, [(histories["second"][:-1], answer)], sampling.system_prompt, run_id)
+        measures.append(f"**{labels.get(run_id, run_id)}** · " + measures_markdown(answer, reward))
     yield shown_now(*measures)
 
 
@@ -967,7 +986,8 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
                     api_name=api_name)
         # the runs to pick from, read when the tab opens (not on every status tick: a page stays quiet)
         compare_tab.select(lambda v: gr.update(choices=run_choices(bench, v)), visitor, compare_runs, api_name="runs")
-        evaluate_tab.select(lambda v: gr.update(choices=run_choices(bench, v)), visitor, eval_runs, api_name=False)
+        evaluate_tab.select(lambda v: gr.update(choices=run_choices(bench, v)), visitor, eval_runs,
+                            api_name="eval_runs")
         clear.click(lambda: ([], [], "", "", [], ""), None,
                     [base_chat, dpo_chat, base_measures, dpo_measures, second_chat, second_measures], api_name="clear")
         # two runs picked: a third column; each pick starts the conversations afresh (a column is one model's)

@@ -120,6 +120,7 @@ def test_journey(page, tmp_path):
         page.locator("#run-status").get_by_text("done").wait_for(timeout=240_000)
     finally:
         shot(page, "7-train-two-runs")
+    assert "run −1" in page.locator("#run-status").inner_text()  # the first run, overlaid and named
     shot(page, "7-train-two-runs")
     page.get_by_role("tab", name="比較").click()
     runs = page.locator("#compare-runs input")

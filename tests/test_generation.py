@@ -114,7 +114,7 @@ def test_evaluate_reports_both_sides(trained):
     assert len(report["rows"]) == 2 and set(report["summary"]) == {"base", "dpo"}
     assert report["summary"]["base"]["n"] == 2
     row = report["rows"][0]
-    assert set(row) == {"prompt", "base", "dpo", "base_measures", "dpo_measures"}
+    assert set(row) == {"prompt", "base", "dpo", "base_measures", "dpo_measures", "others"} and row["others"] == {}
     assert set(row["dpo_measures"]) == {"refusal", "distinct_1", "distinct_2", "repetition", "length"}
     for side in ("base", "dpo"):
         assert {"ead_2", "self_bleu", "entropy", "logp_gap", "kl", "sample_ead_2", "sample_self_bleu"} <= \

@@ -112,7 +112,7 @@ def test_train_compare_evaluate_inspect(client, server):
         client.predict(*train_args(visitor), api_name="/train")
     result = wait_for(client, visitor)
     assert "done" in result[0], result[0]
-    loss = result[1]["value"]["data"]  # the loss chart comes with its caption, which names the loss
+    loss = [row for row in result[1]["value"]["data"] if row[1] is not None]  # (null: a series not drawn yet)
     assert "log 2" in result[1]["caption"]
     assert len(loss) == 4 and loss[0][1] == pytest.approx(0.6931, abs=1e-3)  # 32 pairs / batch 8
     assert result[5]["data"], "the sample timeline has entries"
@@ -124,8 +124,9 @@ def test_train_compare_evaluate_inspect(client, server):
                                            "metrics.csv", "train.json", "README.md"}
         assert {"adapter_model.safetensors", "adapter_config.json", "run.yaml"} <= set(archive.namelist())
     assert "trl dpo --config run.yaml" in result[8]
-    logps = result[9]["data"]  # the likelihood-displacement chart: both log-probs at every logged step
+    logps = [row for row in result[9]["data"] if row[1] is not None]  # the likelihood-displacement chart
     assert {row[2] for row in logps} == {"logps/chosen", "logps/rejected"} and len(logps) == 2 * len(loss)
+    assert "Overlaid" not in result[0]  # a first run: nothing to overlay
 
     base, dpo, _, base_m, dpo_m, *_ = client.predict(visitor, "人はどんなことをしてもらうと嬉しいですか?", [], [], 0.6, 0.9,
                                                   64, 0, "あなたは日本語チャットbotです。ユーザの質問答えてください。",
@@ -204,8 +205,8 @@ def test_build_extreme_fills_rejected_with_the_base_models_answers(client):
 
 
 def test_clear_empties_both_columns(client):
-    base, dpo, base_m, dpo_m = client.predict(api_name="/clear")
-    assert base == [] and dpo == [] and base_m == dpo_m == ""
+    base, dpo, base_m, dpo_m, second, second_m = client.predict(api_name="/clear")
+    assert base == [] and dpo == [] and second == [] and base_m == dpo_m == second_m == ""
 
 
 def test_every_bad_file_is_refused_through_the_app_and_the_dataset_stays(client):
@@ -409,10 +410,10 @@ def test_compare_scores_each_answer_in_its_own_conversation_from_the_second_turn
         def run_dir(self, visitor):
             return "/runs/v"
 
-        def answer(self, visitor, conversation, sampling, *, dpo):
+        def answer(self, visitor, conversation, sampling, *, dpo, run_id=None):
             yield "DPOの答え" if dpo else "ベースの答え"
 
-        def rewards(self, visitor, scored, system_prompt):
+        def rewards(self, visitor, scored, system_prompt, run_id=None):
             Bench.scored = scored
             return [0.1, 0.2]
 
@@ -480,8 +481,9 @@ def test_runs_side_by_side_in_charts_compare_and_evaluate(server):
     choices = c.predict(visitor, api_name="/runs")["choices"]
     assert [run_id for _, run_id in choices] == ids[::-1]  # newest first, labelled by settings
     assert "β 0.5" in choices[0][0] and "β 0.1" in choices[1][0]
-    loss_series = {row[2] for row in result[1]["value"]["data"]}
-    assert loss_series == {"loss", f"{choices[1][0]} · loss"}  # the first run overlaid on the second's chart
+    drawn = {row[2] for row in result[1]["value"]["data"] if row[1] is not None}
+    assert drawn == {"loss", "run −1 · loss"} and f"**run −1** = {choices[1][0]}" in result[0]  # the first run overlaid
+    assert {row[2] for row in result[1]["value"]["data"]} == {"loss", "run −1 · loss", "run −2 · loss"}
 
     out = c.predict(visitor, "旅行の準備は?", [], [], 0.0, 0.9, 24, 0, "", ids, [], api_name="/compare")
     base, first_run, _, _, first_m, second_run, second_m = out
@@ -490,6 +492,7 @@ def test_runs_side_by_side_in_charts_compare_and_evaluate(server):
     with pytest.raises(Exception, match="at most two runs"):
         c.predict(visitor, "旅行の準備は?", [], [], 0.0, 0.9, 24, 0, "", ids + ids[:1], [], api_name="/compare")
 
+    c.predict(visitor, api_name="/eval_runs")  # the Evaluate tab opens: its run list is read
     table, summary, chart, _ = c.predict(visitor, "旅行の準備は?\n部屋の掃除のコツは?", 0.0, 0.9, 16, 0, "", ids,
                                          api_name="/evaluate")
     assert table["headers"][:4] == ["prompt", "base", choices[1][0], choices[0][0]]
