@@ -1,7 +1,7 @@
 """Measures of generated text: mode collapse (repetition, distinct-n, refusals, length; and as the research field
 measures it: EAD, Self-BLEU, diversity over several samples of one prompt) and plain quality (rare kanji, staying on
 topic, closeness to a reference answer). The model-side measures (token entropy, the log-prob gap to the reference)
-need the model: see `generation.policy_stats`.
+need the model: see `generation.answer_stats`.
 
 Japanese has no spaces, so n-grams are over characters (whitespace removed): a model stuck on
 「人生の、人生の、人生の」 repeats character trigrams just as an English one repeats word trigrams.

@@ -109,6 +109,7 @@ def response_ids(tokenizer, conversation: Conversation, response: str, system_pr
 
 
 def _text(value) -> str:
+    """An answer's text: a string, or the last message of a conversational one."""
     return value if isinstance(value, str) else value[-1]["content"]
 
 
@@ -470,7 +471,7 @@ def pair_report(model, tokenizer, rows: list[dict], beta: float, system_prompt: 
     out = []
     for i, row in enumerate(tqdm(rows, desc="pairs", unit="pair"), start=1):
         chosen, rejected = row["chosen"], row["rejected"]
-        texts = [c if isinstance(c, str) else c[-1]["content"] for c in (chosen, rejected)]
+        texts = [_text(chosen), _text(rejected)]
         policy = response_logps(model, tokenizer, row["prompt"], texts, system_prompt, use_adapter=True,
                                 adapter_name=adapter_name)
         reference = response_logps(model, tokenizer, row["prompt"], texts, system_prompt, use_adapter=False)

@@ -268,7 +268,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 # Keys of run.yaml that are TRL's alone: ours reads the precision from `dtype` and decides the rest from the hardware
 # it runs on (a run.yaml from a CPU run replays on a GPU with our CLI; `trl dpo` takes --use_cpu false for that).
 _TRL_ONLY_KEYS = {"use_peft", "datasets", "dataset_name", "dataset_train_split", "dataset_test_split", "dtype", "bf16",
-                  "fp16", "project", "use_cpu", "data_seed", "disable_dropout", "remove_unused_columns", "save_strategy", "env"}
+                  "fp16", "project", "use_cpu", "data_seed", "disable_dropout", "remove_unused_columns",
+                  "save_strategy", "env"}
 _PRECISION_OF_DTYPE = {name: key for key, name in DTYPE_NAMES.items()}
 
 METRIC_COLUMNS = [

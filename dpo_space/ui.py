@@ -41,9 +41,10 @@ i18n = gr.I18n(
         "pick_b": "B のほうが良い", "own_answer": "自分で書いた、より良い回答", "pick_own": "自分の回答を chosen にする",
         "game_train": "集めたペアで学習する", "pick_runs": "比べる学習 (最大 2 つ)",
         "pick_runs_info": "空なら最新の学習。2 つ選ぶと列が 1 つ増えます (同じ seed・同じ生成設定)。",
-        "second_run": "DPO モデル (2 つ目)",
-        "eval_k": "質問ごとのサンプル数 K", "eval_k_info": "最初の 8 問を温度 1 で K 回ずつ: 多様性と KL の推定 (0 で省略)", "token_audit": "トークン長を調べる",
-        "token_audit_run": "「学習」タブで選んだモデルのトークナイザで数える", "max_pairs": "使うペア数の上限", "probe": "途中経過を見る質問",
+        "second_run": "DPO モデル (2 つ目)", "eval_k": "質問ごとのサンプル数 K",
+        "eval_k_info": "最初の 8 問を温度 1 で K 回ずつ: 多様性と KL の推定 (0 で省略)", "token_audit": "トークン長を調べる",
+        "token_audit_run": "「学習」タブで選んだモデルのトークナイザで数える", "max_pairs": "使うペア数の上限",
+        "probe": "途中経過を見る質問",
         "intro": "Direct Preference Optimization (DPO) で言語モデルがどう変わるかを見る: 選好データ → 4-bit QLoRA DPO → "
                  "ベースモデルと DPO モデルを並べて比較。モード崩壊も含めて。",
         "shared": "*共有 Space では学習の規模に上限があります。Space を複製 (Duplicate) すると上限が外れます。*",
@@ -66,10 +67,10 @@ i18n = gr.I18n(
         "pick_b": "B is better", "own_answer": "Your own, better answer", "pick_own": "Make my answer the chosen one",
         "game_train": "Train on my pairs", "pick_runs": "Runs to compare (at most two)",
         "pick_runs_info": "Empty: your latest run. Two: a third column (same seed, same sampling).",
-        "second_run": "DPO model (second run)",
-        "eval_k": "Samples per prompt (K)", "eval_k_info": "The first 8 prompts, K times each at temperature 1: "
-                                                            "diversity and the KL estimate (0: skip)", "token_audit": "Token lengths",
-        "token_audit_run": "Count with the tokenizer of the model picked in the Train tab", "max_pairs": "At most this many pairs", "probe": "Probe prompt",
+        "second_run": "DPO model (second run)", "eval_k": "Samples per prompt (K)",
+        "eval_k_info": "The first 8 prompts, K times each at temperature 1: diversity and the KL estimate (0: skip)",
+        "token_audit": "Token lengths", "token_audit_run": "Count with the tokenizer of the model picked in the Train tab",
+        "max_pairs": "At most this many pairs", "probe": "Probe prompt",
         "intro": "See what Direct Preference Optimization does to a language model: preference data → 4-bit QLoRA DPO → "
                  "the base and the DPO model side by side, mode collapse included.",
         "shared": "*Shared Space: runs are capped. Duplicate the Space to lift the caps.*",
@@ -344,7 +345,6 @@ def token_audit(bench: Workbench, rows: list[dict], model_key: str, max_length, 
 # ---------------------------------------------------------------- pairs collected in the browser (on-policy data)
 
 GAME_LENGTH = 10
-GAME_SAMPLING = dict(temperature=0.9, top_p=0.95, max_new_tokens=128)
 
 
 @functools.lru_cache(maxsize=1)
@@ -372,8 +372,8 @@ def two_answers(bench: Workbench, limits: Limits, answers: space.RateLimit, visi
     answers.check(check_visitor(visitor))
     if not prompt or not prompt.strip():
         raise DPOSpaceError("Type a prompt first (or start a game).")
-    sampling = generation.Sampling(**{**GAME_SAMPLING, "max_new_tokens": min(GAME_SAMPLING["max_new_tokens"],
-                                                                              limits.max_new_tokens)}, seed=int(seed or 0))
+    sampling = generation.Sampling(temperature=0.9, top_p=0.95, max_new_tokens=min(128, limits.max_new_tokens),
+                                   seed=int(seed or 0))
     a, b = bench.base_answers([prompt.strip()] * 2, sampling)
     return a, b
 
@@ -413,10 +413,10 @@ def pick(bench: Workbench, limits: Limits, answers: space.RateLimit, visitor, ro
             na, nb = two_answers(bench, limits, answers, visitor, following, seed)
             return gr.update(), gr.update(), gr.update(), game, following, na, nb, "", game_status(game)
         return gr.update(), gr.update(), gr.update(), game, "", "", "", "", game_status(game)
-    rows = data.validate_rows(list(rows or []) + [pair], source="dataset").rows
+    pairs = data.validate_rows(list(rows or []) + [pair], source="dataset")
     note = f"Added: 「{pair['prompt']}」 → chosen {'your answer' if choice == 'own' else choice.upper()}"
-    return rows, rows_to_frame(rows), note + " · " + describe(data.validate_rows(rows, source="dataset")), game, \
-        prompt, a, b, "", game_status(game)
+    return pairs.rows, rows_to_frame(pairs.rows), f"{note} · {describe(pairs)}", game, prompt, a, b, "", \
+        game_status(game)
 
 
 def train_on_game(bench: Workbench, limits: Limits, runs: space.RateLimit, visitor, game, model, max_pairs, probe,
@@ -545,6 +545,11 @@ def run_choices(bench: Workbench, visitor) -> list[tuple[str, str]]:
 EARLIER_SLOTS = ("run −1", "run −2")
 
 
+def run_labels(bench: Workbench, visitor) -> dict[str, str]:
+    """Run id → its label, for the visitor's runs on disk."""
+    return {run_id: label for label, run_id in run_choices(bench, visitor)}
+
+
 def run_status(bench: Workbench, visitor):
     """What the Train tab shows on each tick while a run is queued or running (the timer stops with the run): status
     line, charts, the probe's answers, downloads."""
@@ -666,7 +671,7 @@ def compare(bench: Workbench, limits: Limits, answers: space.RateLimit, visitor,
             yield shown_now()
     # each answer's implicit reward, in its own conversation: the base's and the first run's under the first run,
     # the second run's under its own (and its own β)
-    labels = dict((r, l) for l, r in run_choices(bench, visitor)) if run_ids else {}
+    labels = run_labels(bench, visitor) if run_ids else {}
     first = [(histories[side][:-1], histories[side][-1]["content"]) for side in ("base", "dpo")]
     rewards = bench.rewards(visitor, first, sampling.system_prompt, columns["dpo"][0]) if has_dpo else [None, None]
     measures = [measures_markdown(first[0][1], rewards[0])]
@@ -723,7 +728,7 @@ def evaluate(bench: Workbench, limits: Limits, answers: space.RateLimit, visitor
         raise DPOSpaceError(f"samples per prompt (K): between 0 and {limits.eval_samples} here, got {k}")
     report = bench.evaluate(visitor, prompts, sampling, run_ids or None, k)
     # every model by the name a visitor knows it by: "dpo" for their latest run, else the picked runs' labels
-    labels = dict((run_id, label) for label, run_id in run_choices(bench, visitor))
+    labels = run_labels(bench, visitor)
     names = {"base": "base", "dpo": labels.get(run_ids[0], run_ids[0]) if run_ids else "dpo"}
     names |= {run_id: labels.get(run_id, run_id) for run_id in run_ids[1:]}
 

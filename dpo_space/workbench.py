@@ -283,7 +283,7 @@ class Workbench:
         if visitor in self._gone:
             return Job("gone", visitor, RunSettings(), PreferenceData([]), status="evicted", message=self._gone[visitor])
         folder = self.root / visitor
-        finished = sorted(p for p in folder.glob("[!.]*") if is_finished_run(p))
+        finished = self.runs(visitor)
         partial = sorted(p for p in folder.glob(".*.partial") if p.is_dir())
         interrupted = partial and (not finished or partial[-1].name[1:] > finished[-1].name)
         if interrupted:
@@ -300,8 +300,7 @@ class Workbench:
         if run in self._unrestorable:
             return None
         try:
-            values, _ = read_run_config(run / "run.yaml")
-            settings = RunSettings.from_dict({**values, "output_dir": str(run)})
+            settings = self.settings_of(run)
             pairs = read_preferences(run / "train.json") if (run / "train.json").exists() else PreferenceData([])
         except Exception as e:  # noqa: BLE001 - an unreadable old run is skipped, never a crash of the page
             log.warning("could not restore %s: %s", run, e)
