@@ -2,7 +2,11 @@
 
 import os
 
-from dpo_space.ui import build_app, launch
+from dpo_space.workbench import bound_malloc
+
+bound_malloc()  # before the server's threads start: its native memory stays level over many visitors (BENCHMARKS.md)
+
+from dpo_space.ui import build_app, launch  # noqa: E402
 
 demo = build_app()
 

@@ -2,18 +2,20 @@
 
     python bench/soak.py [--visitors 60] [--at-once 4] [--pairs 8]
 
-Starts `app.py` on a loopback port (only there: the URL is built here) with a tight retention policy, so that runs are
-evicted during the soak, and a folder of its own for the runs. Each visitor loads the example, trains a tiny run
-(`--pairs` pairs, a few steps), chats, evaluates two prompts and leaves; every fifth reloads mid-run (a new client,
-the same visitor id), every seventh stops mid-run, every ninth uploads a broken file first (refused, dataset kept),
-and the first visitors come back at the end, after their runs were evicted (told so, not shown an error). It samples
-the app's RSS and the disk under the runs' folder, reads the adapters loaded in the chat model from the app's
-/health endpoint, counts errors, and records Compare latency while a run trains. Bounded: a fixed number of visitors,
-a deadline for each, the app terminated at the end. The last line is
+Starts `app.py` on a loopback port (only there: the URL is built here) with a tight retention policy (runs, adapters
+and Gradio sessions), so that each bound is reached during the soak, and a folder of its own for the runs. Each visitor
+loads the example, trains a tiny run (`--pairs` pairs, a few steps), chats, evaluates two prompts (`--eval-k` samples
+of each per model) and leaves; every fifth reloads mid-run (a new client, the same visitor id), every seventh stops
+mid-run, every ninth uploads a broken file first (refused, dataset kept), and the first visitors come back at the end,
+after their runs were evicted (told so, not shown an error). It samples the app's RSS and the disk under the runs'
+folder, reads the adapters loaded in the chat model and the Gradio sessions kept from the app's /health endpoint, counts
+errors, and records Compare latency while a run trains. Bounded: a fixed number of visitors, a deadline for each, the
+app terminated at the end. The last line is
 
     soak: visitors N, runs R, errors E, rss_mib A->B, disk_mib C->D, adapters_loaded K
 
-with A and C read after the warm-up (the first `--at-once` visitors), B and D at the end; exit status 1 if E > 0.
+with A and C read after the warm-up (the first `--at-once` visitors), B and D at the end, once no run is queued or
+training; exit status 1 if E > 0.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ def rss_mib(pid: int) -> float:
 
 
 class Soak:
-    def __init__(self, url: str, pairs: int, deadline: float):
-        self.url, self.pairs, self.deadline = url, pairs, deadline
+    def __init__(self, url: str, pairs: int, deadline: float, eval_k: int = 1):
+        self.url, self.pairs, self.deadline, self.eval_k = url, pairs, deadline, eval_k
         self.errors: list[str] = []
         self.runs = 0
         self.compare_while_training: list[float] = []
@@ -108,8 +110,8 @@ class Soak:
             with self.lock:
                 self.runs += 1
             client.predict(visitor, PROMPTS[n % len(PROMPTS)], [], [], 0.6, 0.9, 64, n, SYSTEM, api_name="/compare")
-            table, summary, _, _ = client.predict(visitor, "\n".join(PROMPTS[:2]), 0.6, 0.9, 32, 0, SYSTEM,
-                                                  api_name="/evaluate")
+            table, summary, _, _ = client.predict(visitor, "\n".join(PROMPTS[:2]), 0.6, 0.9, 32, 0, SYSTEM, [],
+                                                  self.eval_k, api_name="/evaluate")
             if len(table["data"]) != 2:
                 self.error(n, "evaluation did not answer both prompts")
         except Exception as e:  # noqa: BLE001 - every failure is counted, none stops the others
@@ -150,8 +152,18 @@ def health(client) -> dict:
     return json.loads(client.predict(api_name="/health"))
 
 
+def wait_idle(watcher, seconds: float = 120) -> None:
+    """Until no run is queued or training (bounded): memory is compared between idle moments, not mid-run."""
+    end = time.time() + seconds
+    while time.time() < end:
+        h = health(watcher)
+        if not h["queued"] and not h["running"]:
+            return
+        time.sleep(1)
+
+
 def run(visitors: int, at_once: int, pairs: int, minutes: float, disk_budget_mib: float = 20,
-        max_adapters: int = 8) -> dict:
+        max_adapters: int = 8, eval_k: int = 1, sessions: int = 16) -> dict:
     import gradio_client
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,10 +173,10 @@ def run(visitors: int, at_once: int, pairs: int, minutes: float, disk_budget_mib
         port = free_port()
         env = {"DPO_SPACE_ROOT": str(runs_dir), "DPO_SPACE_MODEL": "embedded", "DPO_SPACE_RUNS_PER_VISITOR": "1",
                "DPO_SPACE_DISK_BUDGET_MIB": str(disk_budget_mib), "DPO_SPACE_MAX_ADAPTERS": str(max_adapters),
-               "DPO_SPACE_MAX_QUEUE": str(at_once)}
+               "DPO_SPACE_MAX_QUEUE": str(at_once), "DPO_SPACE_SESSIONS": str(sessions)}
         proc = start_app(port, env=env)
         url = f"http://127.0.0.1:{port}/"
-        soak = Soak(url, pairs, deadline=time.time() + minutes * 60)
+        soak = Soak(url, pairs, deadline=time.time() + minutes * 60, eval_k=eval_k)
         watcher = gradio_client.Client(url, verbose=False)
         stop_chat = threading.Event()
         chatter = threading.Thread(target=soak.chat_while_training, args=(stop_chat,), daemon=True)
@@ -178,7 +190,8 @@ def run(visitors: int, at_once: int, pairs: int, minutes: float, disk_budget_mib
                     t.start()
                 for t in wave:
                     t.join(timeout=max(1.0, soak.deadline - time.time()))
-                sample = (rss_mib(proc.pid), folder_mib(runs_dir), health(watcher)["adapters_loaded"])
+                counts = health(watcher)
+                sample = (rss_mib(proc.pid), folder_mib(runs_dir), counts["adapters_loaded"], counts["sessions"])
                 samples.append(sample)
                 first = first or sample  # after the warm-up wave
                 if time.time() > soak.deadline:
@@ -189,13 +202,17 @@ def run(visitors: int, at_once: int, pairs: int, minutes: float, disk_budget_mib
             statuses = [soak.come_back(v, n) for n, v in enumerate(soak.visitors[:3])]
             if not any("removed to make room" in s for s in statuses):
                 soak.error(-1, f"no early visitor was told their run was evicted: {statuses}")
-            last = (rss_mib(proc.pid), folder_mib(runs_dir), health(watcher)["adapters_loaded"])
+            wait_idle(watcher)
+            counts = health(watcher)
+            last = (rss_mib(proc.pid), folder_mib(runs_dir), counts["adapters_loaded"], counts["sessions"])
         finally:
             proc.terminate()
             proc.wait(timeout=30)
     latencies = soak.compare_while_training or [float("nan")]
-    return {"visitors": visitors, "runs": soak.runs, "rss_series": [round(x[0]) for x in samples + [last]], "errors": soak.errors, "first": first, "last": last,
+    return {"visitors": visitors, "runs": soak.runs, "rss_series": [round(x[0]) for x in samples + [last]],
+            "errors": soak.errors, "first": first, "last": last,
             "max_adapters_seen": max(s[2] for s in samples + [last]),
+            "max_sessions_seen": max(s[3] for s in samples + [last]),
             "compare_p50": statistics.median(latencies), "compare_p90": percentile(latencies, 0.9),
             "compare_max": max(latencies)}
 
@@ -207,13 +224,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--minutes", type=float, default=20, help="the whole soak's deadline")
     parser.add_argument("--disk-budget-mib", type=float, default=20, help="the app's retention budget for runs")
+    parser.add_argument("--eval-k", type=int, default=1, help="samples per prompt and model in each Evaluate")
+    parser.add_argument("--sessions", type=int, default=16, help="the Gradio sessions the app keeps")
     args = parser.parse_args(argv)
-    result = run(args.visitors, args.at_once, args.pairs, args.minutes, args.disk_budget_mib)
+    result = run(args.visitors, args.at_once, args.pairs, args.minutes, args.disk_budget_mib, eval_k=args.eval_k,
+                 sessions=args.sessions)
     for e in result["errors"][:10]:
         print(f"  error: {e}", file=sys.stderr)
-    (a, c, _), (b, d, k) = result["first"], result["last"]
+    (a, c, *_), (b, d, k, _) = result["first"], result["last"]
     print(f"Compare while runs train: p50 {result['compare_p50']:.2f} s, p90 {result['compare_p90']:.2f} s, "
-          f"max {result['compare_max']:.2f} s; most adapters loaded at once: {result['max_adapters_seen']}")
+          f"max {result['compare_max']:.2f} s; most adapters loaded at once: {result['max_adapters_seen']}; "
+          f"most Gradio sessions kept: {result['max_sessions_seen']}")
     print("RSS MiB after each wave of visitors: " + " ".join(map(str, result["rss_series"])))
     print(f"soak: visitors {result['visitors']}, runs {result['runs']}, errors {len(result['errors'])}, "
           f"rss_mib {a:.0f}->{b:.0f}, disk_mib {c:.0f}->{d:.0f}, adapters_loaded {k}")

@@ -111,6 +111,7 @@ def _ours(pairs: int, output_dir: str, overrides: dict, lever: str | None):
     eval_rows = data.as_training_rows(data.read_preferences(embedded.EXAMPLES_DIR / "wakarimasen_eval.json"),
                                       system_prompt=settings.system_prompt, chat_template=True)
     trainers[0].args.train_sampling_strategy = "random"  # a new eval set has no length column to group by
+    trainers[0].create_accelerator_and_postprocess()  # a TrainingArguments built since (run.yaml's) reset the state
     heldout = _heldout(trainers[0].evaluate(Dataset.from_list(eval_rows)))
     return loaded, done, measure, result.metrics, heldout, result.model
 

@@ -64,6 +64,10 @@ class Retention:
     runs_per_visitor: int = 3  # each visitor's newest finished runs stay on disk
     disk_budget_mib: float = 2048.0  # all runs together; the oldest go first, never one in progress
     max_queue: int = 8  # runs waiting for the trainer
+    # Gradio sessions whose state the server keeps (the rows a visitor edits, the values of updated components: about
+    # 2 MiB each with a dataset loaded); beyond it the least recently used is dropped, its runs kept on disk. Gradio's
+    # own default (state_session_capacity, 10,000) never drops a closed tab's session: memory grows with every visitor.
+    sessions: int = 500
 
     @classmethod
     def from_env(cls) -> Retention:

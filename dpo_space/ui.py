@@ -35,6 +35,7 @@ i18n = gr.I18n(
         "status": "状態", "samples": "学習中の回答の変化", "push": "Hub にアダプタを公開",
         "token": "Hub トークン (書き込み権限)", "repo": "リポジトリ名 (user/name)", "prompt": "質問",
         "send": "送信", "clear": "クリア", "sampling": "生成の設定", "base": "ベースモデル",
+        "compare_examples": "学習にも評価データ作りにも使っていない質問の例",
         "dpo": "DPO モデル", "run_eval": "評価を実行", "eval_prompts": "評価用の質問 (1行に1つ; 空なら評価セット)",
         "inspect": "選好ペアを調べる", "collect": "ブラウザで選好ペアを集める (選好ゲーム)",
         "two_answers": "ベースモデルに 2 回答えさせる", "game": "10 問のゲームを始める", "pick_a": "A のほうが良い",
@@ -60,6 +61,7 @@ i18n = gr.I18n(
         "epochs": "Epochs", "advanced": "Advanced", "start": "Start training", "stop": "Stop",
         "status": "Status", "samples": "The probe answer as training goes", "push": "Push the adapter to the Hub",
         "token": "Hub token (write)", "repo": "Repository (user/name)", "prompt": "Prompt", "send": "Send",
+        "compare_examples": "Questions no training step saw (neither DPO nor the embedded model's SFT)",
         "clear": "Clear", "sampling": "Sampling", "base": "Base model", "dpo": "DPO model",
         "run_eval": "Run evaluation", "eval_prompts": "Prompts (one a line; empty: the eval set)",
         "inspect": "Inspect preference pairs", "collect": "Collect pairs in the browser (preference game)",
@@ -259,6 +261,17 @@ def problems_markdown(error: DataError) -> str:
     if error.more:
         lines.append(f"- … and {error.more} more problem(s)")
     return "**The data was not changed.** Problems found:\n" + "\n".join(lines)
+
+
+def compare_examples() -> list[list[str]]:
+    """Questions to start Compare from that no training step saw: the seed article's held-out prompts 2 and 3 (the
+    わかりません set's first evaluation prompts) and four questions of examples/heldout/unseen.jsonl (kept out of the
+    embedded model's SFT and of every dataset; tests/test_heldout.py holds both)."""
+    return [[p] for p in [*data.read_prompts(EXAMPLES / "wakarimasen_eval.json")[:2], *UNSEEN_EXAMPLES]]
+
+
+UNSEEN_EXAMPLES = ("茶碗蒸しにすが立たないようにするにはどうすればいいですか?", "蒸発と沸騰の違いは何ですか?",
+                   "潮の満ち引きが起こるのはなぜですか?", "利息と利子の違いは何ですか?")
 
 
 def load_example(name: str):
@@ -535,10 +548,22 @@ def run_choices(bench: Workbench, visitor) -> list[tuple[str, str]]:
     out = []
     for run in reversed(runs):
         try:
-            out.append((run_label(bench.settings_of(run), run.name), run.name))
+            out.append((finished_run(run)[0], run.name))
         except Exception:  # noqa: BLE001 - an unreadable old run is left out, never a crash of the page
             continue
     return out
+
+
+def finished_run(run_dir: Path) -> tuple[str, list[dict]]:
+    """A finished run's label and logged metrics. A finished run's files never change, so they are read once per
+    folder (the status tick asks for them every second while another run trains), not on every tick."""
+    return _finished_run(str(run_dir), (run_dir / "run.yaml").stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _finished_run(run_dir: str, stamp: int) -> tuple[str, list[dict]]:
+    run_dir = Path(run_dir)
+    return run_label(Workbench.settings_of(run_dir), run_dir.name), training.read_metrics(run_dir)
 
 
 # The earlier runs a chart overlays, newest first, by the names its legend keeps (the status says which run is which)
@@ -577,7 +602,7 @@ def run_status(bench: Workbench, visitor):
         status += f"\n\n**Warning — {displaced}**"
 
     # the visitor's two newest earlier runs still on disk, overlaid on every chart: recipes side by side
-    earlier = [(slot, label, training.read_metrics(bench.root / visitor / run_id)) for slot, (label, run_id) in
+    earlier = [(slot, label, finished_run(bench.root / visitor / run_id)[1]) for slot, (label, run_id) in
                zip(EARLIER_SLOTS, [c for c in run_choices(bench, visitor) if c[1] != job.id], strict=False)]
     if earlier:
         status += "\n\nOverlaid: " + " · ".join(f"**{slot}** = {label}" for slot, label, _ in earlier)
@@ -900,6 +925,8 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
                 prompt = gr.Textbox(label=i18n("prompt"), scale=4, elem_id="compare-prompt")
                 send = gr.Button(i18n("send"), variant="primary", elem_id="send")
                 clear = gr.Button(i18n("clear"))
+            gr.Examples(compare_examples(), [prompt], label=i18n("compare_examples"), examples_per_page=6,
+                        api_name=False)  # its default api name, load_example, is the Data tab's
             with gr.Accordion(i18n("sampling"), open=False):
                 with gr.Row():
                     temperature = gr.Slider(0, 1.5, value=0.6, step=0.05, label="temperature (0: greedy)")
@@ -1006,7 +1033,8 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
                        [eval_table, eval_summary, eval_chart, eval_csv],
                        api_name="evaluate")
         def health() -> str:  # for operators and bench/soak.py (gr.api reads the return type)
-            return json.dumps(bench.health())
+            holder = getattr(app, "state_holder", None)  # Gradio's sessions, bounded by Retention.sessions
+            return json.dumps({**bench.health(), "sessions": len(holder.session_data) if holder else 0})
 
         gr.api(health, api_name="health")
         inspect.click(shown(lambda v, r, progress=gr.Progress(track_tqdm=True):
@@ -1021,6 +1049,7 @@ QUEUE_MAX_SIZE = 64
 
 
 def launch(app: gr.Blocks, **kwargs):
-    """`app.launch` with the UI's translations (Japanese by default, English by the browser's language), and an upload
-    size cap that Gradio applies before it stores a file."""
+    """`app.launch` with the UI's translations (Japanese by default, English by the browser's language), an upload
+    size cap that Gradio applies before it stores a file, and a bound on the sessions whose state it keeps."""
+    kwargs.setdefault("state_session_capacity", space.Retention.from_env().sessions)
     return app.launch(i18n=i18n, max_file_size=data.Limits().max_bytes, **kwargs)

@@ -41,6 +41,23 @@ EVICTED = ("your last run was removed to make room for others (the Space keeps e
 INTERRUPTED = "the app restarted while this run was training: start it again"
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+
+
+def bound_malloc(arenas: int = 2) -> bool:
+    """Keep the server's native memory from creeping up with every visitor (bench/soak.py, BENCHMARKS.md): glibc gives
+    the threads that allocate at once their own malloc arenas (up to 8 per core: Gradio's workers, the trainer, torch's)
+    and keeps what each freed mapped. At most `arenas` arenas, as MALLOC_ARENA_MAX=2 in the environment would; the
+    default run trains no slower for it (bench/speed.py). Called at start-up, before the server's threads start; True
+    where applied, False where the C library is not glibc."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
+
+
 def release_memory():
     """Hand the memory a finished run freed back to the system: a run's base copy is allocated in the trainer thread's
     own malloc arena, which glibc may keep mapped after the copy is freed. It did not change the RSS growth that
@@ -167,7 +184,8 @@ class Workbench:
         folder = self.root / check_visitor(visitor)
         return sorted(p for p in folder.glob("[!.]*") if is_finished_run(p)) if folder.is_dir() else []
 
-    def settings_of(self, run_dir: str | Path) -> RunSettings:
+    @staticmethod
+    def settings_of(run_dir: str | Path) -> RunSettings:
         values, _ = read_run_config(Path(run_dir) / "run.yaml")
         return RunSettings.from_dict({**values, "output_dir": str(run_dir)})
 

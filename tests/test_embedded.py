@@ -85,6 +85,18 @@ def test_held_out_questions_never_reach_the_sft_data():
         embedded.sft_examples(rows, conversations, [], None, exclude=exclude)
 
 
+def test_compare_offers_only_questions_no_training_step_saw():
+    """The example questions under Compare are held out of the embedded model's SFT and of both DPO training sets."""
+    from dpo_space import corpus, data, ui
+
+    asked = [row[0] for row in ui.compare_examples()]
+    assert len(asked) == 6 and asked[1] == embedded.SEED_PROMPTS[1]
+    exclude = embedded.excluded_from_sft(embedded.read_corpus())
+    trained = {corpus.key(p) for name in ("wakarimasen_train.json", "ordinary_train.json")
+               for p in data.read_prompts(embedded.EXAMPLES_DIR / name)}
+    assert {corpus.key(p) for p in asked} <= exclude and not {corpus.key(p) for p in asked} & trained
+
+
 def test_the_conversing_measures_run_on_each_held_out_set(base):
     m = embedded.conversing_measures(*base, limit=3, max_new_tokens=24)
     assert (m["unseen"], m["paraphrases"], m["conversations"]) == (3, 3, 3) and len(m["examples"]) == 3

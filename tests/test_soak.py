@@ -13,9 +13,10 @@ def test_a_dozen_visitors_leave_the_space_bounded():
     import soak
 
     budget, cap = 3.0, 4
-    result = soak.run(visitors=12, at_once=3, pairs=8, minutes=10, disk_budget_mib=budget, max_adapters=cap)
+    result = soak.run(visitors=12, at_once=3, pairs=8, minutes=10, disk_budget_mib=budget, max_adapters=cap,
+                      sessions=8)
     assert result["errors"] == []  # the early visitors' "removed to make room" is checked inside, as an error if not
     assert result["runs"] == 12
-    assert result["max_adapters_seen"] <= cap
-    _, disk_end, _ = result["last"]
+    assert result["max_adapters_seen"] <= cap and result["max_sessions_seen"] <= 8  # Gradio's, bounded too
+    _, disk_end, *_ = result["last"]
     assert disk_end <= budget + 1.0  # the budget, plus at most the run still being written when it was measured

@@ -270,6 +270,29 @@ def test_the_hub_token_is_used_for_the_push_only(tmp_path, monkeypatch, caplog):
     assert "token" not in {f.name for f in __import__("dataclasses").fields(training.RunSettings)}
 
 
+def test_a_finished_runs_files_are_read_once_not_on_every_status_tick(tmp_path, monkeypatch):
+    """The Train status overlays earlier runs every second while a run trains; their files never change once finished,
+    so they are read once per folder (and again only if its run.yaml is rewritten)."""
+    import os
+
+    from dpo_space import training
+
+    run = tmp_path / "20260101-093000-aaaaaa"
+    run.mkdir()
+    (run / "adapter_config.json").write_text("{}")
+    settings = training.RunSettings.for_model(models.EMBEDDED, output_dir=str(run), beta=0.25)
+    (run / "run.yaml").write_text(settings.to_yaml(models.detect_hardware()))
+    (run / "metrics.csv").write_text("step,loss\n1,0.69\n2,0.5\n")
+    reads = []
+    real = training.read_metrics
+    monkeypatch.setattr(training, "read_metrics", lambda d: reads.append(d) or real(d))
+    for _ in range(3):
+        label, metrics = ui.finished_run(run)
+    assert "09:30:00 · β 0.25" in label and [m["loss"] for m in metrics] == [0.69, 0.5] and len(reads) == 1
+    os.utime(run / "run.yaml", ns=(1, 1))  # rewritten: read again
+    assert ui.finished_run(run)[1] == metrics and len(reads) == 2
+
+
 def test_runs_from_the_space_never_trust_remote_code(tmp_path, monkeypatch):
     from dpo_space import ui
     from dpo_space.workbench import new_visitor_id
@@ -540,3 +563,25 @@ def test_pairs_collected_in_the_browser_and_a_game_that_ends_in_a_run(server):
     table, report, queued = out[0], out[1], out[2]
     assert len(table["data"]) == 10 and "10 pairs" in report and "queued" in queued
     assert "done" in wait_for(c, visitor)[0]
+
+
+def test_the_server_keeps_at_most_its_session_cap_of_gradio_sessions(tmp_path, monkeypatch):
+    """Gradio keeps every session's state (a closed tab's too) up to its state_session_capacity, 10,000 by default:
+    memory that grows with each visitor. The Space's cap (Retention.sessions) reaches the launch; the least recently
+    used session goes first."""
+    from dpo_space.ui import build_app, launch
+
+    monkeypatch.setenv("DPO_SPACE_SESSIONS", "3")
+    app = build_app(Workbench(models.EMBEDDED, root=tmp_path), shared=False)
+    port = free_port()
+    launch(app, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        for _ in range(5):
+            c = gradio_client.Client(url, verbose=False)
+            c.predict(None, api_name="/visitor")
+            c.close()
+        assert app.state_holder.capacity == 3
+        assert json.loads(gradio_client.Client(url, verbose=False).predict(api_name="/health"))["sessions"] <= 3
+    finally:
+        app.close()

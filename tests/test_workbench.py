@@ -286,3 +286,39 @@ time.sleep(120)
     assert job.status == "interrupted" and job.message.startswith(INTERRUPTED) and "still answers" in job.message
     assert bench.run_dir(visitor) == str(runs[0]) and bench.adapter_name(visitor)  # the finished run still answers
     assert not list((tmp_path / visitor).glob(".*.partial"))  # the half-written one is gone
+
+
+ARENAS = """
+import ctypes, re, sys, tempfile, threading
+if sys.argv[1] == "bound":
+    from dpo_space.workbench import bound_malloc
+    assert bound_malloc()
+barrier = threading.Barrier(8)
+def work():  # eight threads allocating at once, as Gradio's workers do
+    barrier.wait()
+    keep = [bytearray(40_000) for _ in range(200)]
+    barrier.wait()
+threads = [threading.Thread(target=work) for _ in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+path = tempfile.mktemp()
+f = ctypes.c_void_p(libc.fopen(path.encode(), b"w"))
+libc.malloc_info(0, f)
+libc.fclose(f)
+print(len(re.findall("<heap nr=", open(path).read())))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_the_server_bounds_glibcs_malloc_arenas_before_its_threads_start():
+    """app.py calls bound_malloc at start-up: however many worker threads allocate at once, two arenas, not one per
+    thread (whose freed memory glibc keeps mapped: the RSS creep bench/soak.py measured)."""
+    def arenas(mode):
+        out = subprocess.run([sys.executable, "-c", ARENAS, mode], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.split()[-1])
+
+    assert arenas("free") > 4 and arenas("bound") == 2
+    assert "bound_malloc()" in (ROOT / "app.py").read_text(encoding="utf-8")
