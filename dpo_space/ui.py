@@ -583,12 +583,15 @@ def run_status(bench: Workbench, visitor):
     if job is None:
         return ("No run yet.", empty, empty, empty, empty, pd.DataFrame(columns=["step", "answer"]), None, None, "",
                 empty, gr.Timer(active=False))
+    # the run's state read once: the trainer thread changes it meanwhile, and a tick that drew "running" with the timer
+    # stopped (it had read "done" further down) left the page at its last step for good
+    state = job.status
     metrics = job.metrics()
     last = metrics[-1] if metrics else {}
     ran = space.describe_run(job.settings, bench.hardware, job.output_dir)
-    if job.status == "queued":
+    if state == "queued":
         status = f"waiting: position {bench.position(job)} in line (one training at a time)"
-    elif job.status == "running":
+    elif state == "running":
         step, total = int(last.get("step", 0)), int(last.get("max_steps", 0))
         eta = f" · ETA {last['elapsed'] / step * (total - step):.0f}s" if step and total else ""
         status = f"running: step {step}/{total or '?'}{eta}"
@@ -596,7 +599,7 @@ def run_status(bench: Workbench, visitor):
             status += f" · loss {last.get('loss', float('nan')):.4f} · margin {last.get('rewards/margins', 0):.3f}"
         status += f" · {ran}"
     else:
-        status = f"{job.status}: {job.message} · {ran}"
+        status = f"{state}: {job.message} · {ran}"
     displaced = training.likelihood_displacement(metrics)
     if displaced:
         status += f"\n\n**Warning — {displaced}**"
@@ -623,7 +626,7 @@ def run_status(bench: Workbench, visitor):
     samples = pd.DataFrame([{"step": s["step"], "answer": s["answer"]} for s in job.samples()],
                            columns=["step", "answer"])
     adapter_zip = yaml_file = command = None
-    if job.status in ("done", "stopped") and job.output_dir.exists():
+    if state in ("done", "stopped") and job.output_dir.exists():
         adapter_zip, yaml_file, command = space.run_downloads(job.output_dir)
         if job.settings.report_to == "trackio":  # the run's dashboard, local-first
             command = (f"# this run's metrics in trackio (project {training.TRACKIO_PROJECT}, run {job.id}):\n"
@@ -631,7 +634,7 @@ def run_status(bench: Workbench, visitor):
     loss = gr.LinePlot(value=series("loss"), caption=loss_caption(job.settings.loss_type))
     return (status, loss, series("rewards/margins"), series("rewards/accuracies"),
             series("rewards/chosen", "rewards/rejected"), samples, adapter_zip, yaml_file, command or "",
-            series("logps/chosen", "logps/rejected"), gr.Timer(active=job.active))
+            series("logps/chosen", "logps/rejected"), gr.Timer(active=state in ("queued", "running")))
 
 
 def push_adapter(bench: Workbench, visitor, token: str, repo_id: str):

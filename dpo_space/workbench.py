@@ -60,9 +60,9 @@ def bound_malloc(arenas: int = 2) -> bool:
 
 def release_memory():
     """Hand the memory a finished run freed back to the system: a run's base copy is allocated in the trainer thread's
-    own malloc arena, which glibc may keep mapped after the copy is freed. It did not change the RSS growth that
-    bench/soak.py measures (about 4 MiB a visitor, cause still unknown; BENCHMARKS.md). A no-op where the C library is
-    not glibc."""
+    own malloc arena, which glibc may keep mapped after the copy is freed. (The RSS growth bench/soak.py once measured,
+    about 4 MiB a visitor, was Gradio keeping every session's state: Retention.sessions.) A no-op where the C library
+    is not glibc."""
     import ctypes
     import gc
 

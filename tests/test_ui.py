@@ -293,6 +293,46 @@ def test_a_finished_runs_files_are_read_once_not_on_every_status_tick(tmp_path, 
     assert ui.finished_run(run)[1] == metrics and len(reads) == 2
 
 
+def test_a_status_tick_that_races_the_runs_end_keeps_polling(tmp_path):
+    """The trainer thread ends a run while a status tick is being drawn: the tick reads the run's state once, so a tick
+    that shows "running" keeps the timer on and the next one draws "done" (the page once stayed at its last step)."""
+    from dpo_space import data, training
+    from dpo_space.workbench import Job, new_visitor_id
+
+    bench = Workbench(models.EMBEDDED, root=tmp_path / "space")
+    visitor = new_visitor_id()
+    run = tmp_path / "space" / visitor / "20260101-093000-aaaaaa"
+    run.mkdir(parents=True)
+    (run / "adapter_config.json").write_text("{}")
+    settings = training.RunSettings.for_model(models.EMBEDDED, output_dir=str(run))
+    (run / "run.yaml").write_text(settings.to_yaml(models.detect_hardware()))
+    job = Job(run.name, visitor, settings, data.validate_rows([{"prompt": "q", "chosen": "a", "rejected": "b"}],
+                                                               source="x"), status="running")
+
+    class EndsWhileDrawn:  # "running" when first read, "done" ever after
+        reads = 0
+
+        def __getattr__(self, name):
+            return getattr(job, name)
+
+        @property
+        def status(self):
+            self.reads += 1
+            return "running" if self.reads == 1 else "done"
+
+        @property
+        def active(self):
+            return self.status in ("queued", "running")
+
+    bench.job = lambda v: EndsWhileDrawn()
+    out = ui.run_status(bench, visitor)
+    assert out[0].startswith("running") and out[-1].active  # drawn as running: the timer ticks once more
+    bench.job = lambda v: job
+    job.status = "done"
+    out = ui.run_status(bench, visitor)
+    assert out[0].startswith("done") and not out[-1].active
+
+
 def test_runs_from_the_space_never_trust_remote_code(tmp_path, monkeypatch):
     from dpo_space import ui
     from dpo_space.workbench import new_visitor_id
