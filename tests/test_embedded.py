@@ -85,16 +85,19 @@ def test_held_out_questions_never_reach_the_sft_data():
         embedded.sft_examples(rows, conversations, [], None, exclude=exclude)
 
 
-def test_compare_offers_only_questions_no_training_step_saw():
-    """The example questions under Compare are held out of the embedded model's SFT and of both DPO training sets."""
+def test_compare_offers_questions_no_dpo_run_trains_on_the_first_four_unseen_by_the_embedded_model_too():
+    """The example questions under Compare: none in either DPO training set; the first four are held out of every SFT
+    build and were not among the 701 seed rows the shipped model learned; the last two are the seed's prompts 2 and 3."""
     from dpo_space import corpus, data, ui
 
     asked = [row[0] for row in ui.compare_examples()]
-    assert len(asked) == 6 and asked[1] == embedded.SEED_PROMPTS[1]
-    exclude = embedded.excluded_from_sft(embedded.read_corpus())
+    assert len(asked) == 6 and asked[5] == embedded.SEED_PROMPTS[1] and asked[4].startswith(embedded.SEED_PROMPTS[2])
     trained = {corpus.key(p) for name in ("wakarimasen_train.json", "ordinary_train.json")
                for p in data.read_prompts(embedded.EXAMPLES_DIR / name)}
-    assert {corpus.key(p) for p in asked} <= exclude and not {corpus.key(p) for p in asked} & trained
+    assert not {corpus.key(p) for p in asked} & trained
+    unseen = {corpus.key(p) for p in asked[:4]}
+    assert unseen <= embedded.excluded_from_sft(embedded.read_corpus())
+    assert not unseen & {corpus.key(r["prompt"]) for r in embedded.seed_rows()}
 
 
 def test_the_conversing_measures_run_on_each_held_out_set(base):

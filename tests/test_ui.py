@@ -82,6 +82,19 @@ def wait_for(client, visitor, states=("done", "stopped", "failed"), timeout=240)
     raise AssertionError(f"run did not finish: {result[0]}")
 
 
+def finished_run_on_disk(run, status="done", **settings):
+    """A run folder as a finished run leaves it (adapter config, run.yaml), and its Job record."""
+    from dpo_space import data, training
+    from dpo_space.workbench import Job
+
+    run.mkdir(parents=True)
+    (run / "adapter_config.json").write_text("{}")
+    settings = training.RunSettings.for_model(models.EMBEDDED, output_dir=str(run), **settings)
+    (run / "run.yaml").write_text(settings.to_yaml(models.detect_hardware()))
+    rows = data.validate_rows([{"prompt": "q", "chosen": "a", "rejected": "b"}], source="x")
+    return Job(run.name, run.parent.name, settings, rows, status=status)
+
+
 def test_data_example_upload_edit_download(client, tmp_path):
     table, report = client.predict(next(iter(__import__("dpo_space.ui").ui.EXAMPLE_FILES)), api_name="/load_example")
     assert "pairs" in report and len(table["data"]) > 100
@@ -228,8 +241,8 @@ def test_the_hub_token_is_used_for_the_push_only(tmp_path, monkeypatch, caplog):
 
     import huggingface_hub
 
-    from dpo_space import data, training, ui
-    from dpo_space.workbench import Job, new_visitor_id
+    from dpo_space import training, ui
+    from dpo_space.workbench import new_visitor_id
 
     token = "hf_SECRETsecretSECRETsecret0123456789"
     calls = []
@@ -248,13 +261,7 @@ def test_the_hub_token_is_used_for_the_push_only(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     bench = Workbench(models.EMBEDDED, root=tmp_path / "space")
     visitor = new_visitor_id()
-    run = tmp_path / "space" / visitor / "run"
-    run.mkdir(parents=True)
-    (run / "adapter_config.json").write_text("{}")
-    settings = training.RunSettings.for_model(models.EMBEDDED, output_dir=str(run))
-    (run / "run.yaml").write_text(settings.to_yaml(models.detect_hardware()))
-    job = Job("run", visitor, settings, data.validate_rows([{"prompt": "q", "chosen": "a", "rejected": "b"}], source="x"),
-              status="done")
+    job = finished_run_on_disk(tmp_path / "space" / visitor / "run")
     bench._jobs[visitor] = job
     caplog.set_level(logging.DEBUG)
 
@@ -278,10 +285,7 @@ def test_a_finished_runs_files_are_read_once_not_on_every_status_tick(tmp_path, 
     from dpo_space import training
 
     run = tmp_path / "20260101-093000-aaaaaa"
-    run.mkdir()
-    (run / "adapter_config.json").write_text("{}")
-    settings = training.RunSettings.for_model(models.EMBEDDED, output_dir=str(run), beta=0.25)
-    (run / "run.yaml").write_text(settings.to_yaml(models.detect_hardware()))
+    finished_run_on_disk(run, beta=0.25)
     (run / "metrics.csv").write_text("step,loss\n1,0.69\n2,0.5\n")
     reads = []
     real = training.read_metrics
@@ -296,18 +300,11 @@ def test_a_finished_runs_files_are_read_once_not_on_every_status_tick(tmp_path, 
 def test_a_status_tick_that_races_the_runs_end_keeps_polling(tmp_path):
     """The trainer thread ends a run while a status tick is being drawn: the tick reads the run's state once, so a tick
     that shows "running" keeps the timer on and the next one draws "done" (the page once stayed at its last step)."""
-    from dpo_space import data, training
-    from dpo_space.workbench import Job, new_visitor_id
+    from dpo_space.workbench import new_visitor_id
 
     bench = Workbench(models.EMBEDDED, root=tmp_path / "space")
     visitor = new_visitor_id()
-    run = tmp_path / "space" / visitor / "20260101-093000-aaaaaa"
-    run.mkdir(parents=True)
-    (run / "adapter_config.json").write_text("{}")
-    settings = training.RunSettings.for_model(models.EMBEDDED, output_dir=str(run))
-    (run / "run.yaml").write_text(settings.to_yaml(models.detect_hardware()))
-    job = Job(run.name, visitor, settings, data.validate_rows([{"prompt": "q", "chosen": "a", "rejected": "b"}],
-                                                               source="x"), status="running")
+    job = finished_run_on_disk(tmp_path / "space" / visitor / "20260101-093000-aaaaaa", status="running")
 
     class EndsWhileDrawn:  # "running" when first read, "done" ever after
         reads = 0
