@@ -181,6 +181,11 @@ def run(visitors: int, at_once: int, pairs: int, minutes: float, disk_budget_mib
         stop_chat = threading.Event()
         chatter = threading.Thread(target=soak.chat_while_training, args=(stop_chat,), daemon=True)
         samples, first = [], None
+
+        def measure() -> tuple:  # (RSS MiB, runs' folder MiB, adapters loaded, Gradio sessions kept)
+            counts = health(watcher)
+            return rss_mib(proc.pid), folder_mib(runs_dir), counts["adapters_loaded"], counts["sessions"]
+
         try:
             chatter.start()
             for start in range(0, visitors, at_once):
@@ -190,8 +195,7 @@ def run(visitors: int, at_once: int, pairs: int, minutes: float, disk_budget_mib
                     t.start()
                 for t in wave:
                     t.join(timeout=max(1.0, soak.deadline - time.time()))
-                counts = health(watcher)
-                sample = (rss_mib(proc.pid), folder_mib(runs_dir), counts["adapters_loaded"], counts["sessions"])
+                sample = measure()
                 samples.append(sample)
                 first = first or sample  # after the warm-up wave
                 if time.time() > soak.deadline:
@@ -203,8 +207,7 @@ def run(visitors: int, at_once: int, pairs: int, minutes: float, disk_budget_mib
             if not any("removed to make room" in s for s in statuses):
                 soak.error(-1, f"no early visitor was told their run was evicted: {statuses}")
             wait_idle(watcher)
-            counts = health(watcher)
-            last = (rss_mib(proc.pid), folder_mib(runs_dir), counts["adapters_loaded"], counts["sessions"])
+            last = measure()
         finally:
             proc.terminate()
             proc.wait(timeout=30)

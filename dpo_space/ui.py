@@ -19,7 +19,7 @@ from . import collapse, data, generation, gpu, memory, models, space, training
 from .errors import DataError, DPOSpaceError
 from .learn import LEARN_EN, LEARN_JA
 from .space import Limits
-from .workbench import Workbench, check_visitor, new_visitor_id
+from .workbench import ACTIVE, Workbench, check_visitor, new_visitor_id
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -636,7 +636,7 @@ def run_status(bench: Workbench, visitor):
     loss = gr.LinePlot(value=series("loss"), caption=loss_caption(job.settings.loss_type))
     return (status, loss, series("rewards/margins"), series("rewards/accuracies"),
             series("rewards/chosen", "rewards/rejected"), samples, adapter_zip, yaml_file, command or "",
-            series("logps/chosen", "logps/rejected"), gr.Timer(active=state in ("queued", "running")))
+            series("logps/chosen", "logps/rejected"), gr.Timer(active=state in ACTIVE))
 
 
 def push_adapter(bench: Workbench, visitor, token: str, repo_id: str):

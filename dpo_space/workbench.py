@@ -35,6 +35,7 @@ from .training import RunSettings, StopSignal, read_metrics, read_run_config, re
 
 log = logging.getLogger(__name__)
 
+ACTIVE = ("queued", "running")  # a run's states while it holds its place in line or the trainer
 VISITOR_ID = re.compile(r"^[a-f0-9]{32}$")
 EVICTED = ("your last run was removed to make room for others (the Space keeps each visitor's newest runs for a "
            "while): train again in the Train tab")
@@ -44,18 +45,25 @@ INTERRUPTED = "the app restarted while this run was training: start it again"
 M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
 
 
+def _glibc():
+    """The C library, where it is glibc (for mallopt and malloc_trim); None elsewhere."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
 def bound_malloc(arenas: int = 2) -> bool:
     """Keep the server's native memory from creeping up with every visitor (bench/soak.py, BENCHMARKS.md): glibc gives
     the threads that allocate at once their own malloc arenas (up to 8 per core: Gradio's workers, the trainer, torch's)
     and keeps what each freed mapped. At most `arenas` arenas, as MALLOC_ARENA_MAX=2 in the environment would; the
     default run trains no slower for it (bench/speed.py). Called at start-up, before the server's threads start; True
     where applied, False where the C library is not glibc."""
-    import ctypes
-
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return bool(libc and libc.mallopt(M_ARENA_MAX, arenas))
 
 
 def release_memory():
@@ -63,14 +71,12 @@ def release_memory():
     own malloc arena, which glibc may keep mapped after the copy is freed. (The RSS growth bench/soak.py once measured,
     about 4 MiB a visitor, was Gradio keeping every session's state: Retention.sessions.) A no-op where the C library
     is not glibc."""
-    import ctypes
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc:
+        libc.malloc_trim(0)
 
 
 def new_visitor_id() -> str:
@@ -114,7 +120,7 @@ class Job:
 
     @property
     def active(self) -> bool:
-        return self.status in ("queued", "running")
+        return self.status in ACTIVE
 
     @property
     def usable(self) -> bool:
