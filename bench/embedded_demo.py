@@ -4,7 +4,8 @@
 
 1. base: recital of the seed rows it was trained on; issue #12's measures on the held-out sets (examples/heldout/)
 2. for each recipe: DPO on wakarimasen_train.json with the embedded preset, wall time
-3. on the 40 held-out prompts: refusal rate and repeated-trigram share, base vs DPO
+3. on the 40 held-out prompts: refusal rate and repeated-trigram share, base vs DPO; on the held-out sets: the refusal
+   rate, on-topic and rare-kanji shares after DPO
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def main():
             result = train(settings, train_data)
             seconds = time.perf_counter() - start
             report = generation.evaluate(result.model, result.tokenizer, prompts, sampling)
+            after = embedded.conversing_measures(result.model, result.tokenizer, use_adapter=True)
         base, dpo = report["summary"]["base"], report["summary"]["dpo"]
         last = result.metrics[-1]
         rows.append((f"{recipe}: DPO {len(train_data)} pairs × {settings.num_train_epochs:g} epochs, wall time",
@@ -72,6 +74,10 @@ def main():
                      "DPO clearly above base" if recipe == "seed" else ""))
         rows.append((f"{recipe}: held-out repetition within answers base → DPO",
                      f"{base['repetition']:.3f} → {dpo['repetition']:.3f}", ""))
+        rows.append((f"{recipe}: held-out questions ({held}), 分かりません base → DPO",
+                     f"{c['refusal']:.0%} → {after['refusal']:.0%}", "≥ 90%" if recipe == "seed" else ""))
+        rows.append((f"{recipe}: same, on topic / rare kanji after DPO",
+                     f"{after['topical']:.0%} / {after['rare_kanji']:.2%}", ""))
         rows.append((f"{recipe}: held-out distinct-2 base → DPO", f"{base['distinct_2']:.2f} → {dpo['distinct_2']:.2f}",
                      ""))
         example = next(r for r in report["rows"] if r["prompt"].startswith("人はどんなこと"))

@@ -140,3 +140,60 @@ def test_the_seeds_collapse_in_miniature(tmp_path):
 # Small enough for CI: a quarter of the pairs, so twice the epochs for about as many steps as the full run.
 MINI_PAIRS = 256
 MINI_OVERRIDES = {"num_train_epochs": 4}
+
+
+def test_tokenizer_pieces_stay_inside_one_script_so_a_question_word_is_spelled_alike_in_the_answer():
+    """A kanji compound or a katakana word is cut into the same pieces wherever it stands: copying the question's
+    words into the answer is then copying the same tokens. (Plain BPE merged オムライスの and ス卵 differently.)"""
+    texts = ["オムライスの卵をきれいに包むには?", "オムライスは、卵を半熟にして包みます。", "光合成とは何ですか?",
+             "光合成は、植物が光で栄養を作るしくみです。"] * 20
+    tokenizer = embedded.build_tokenizer(texts, vocab_size=400)
+    for word, uses in (("オムライス", texts[:2]), ("光合成", texts[2:4])):
+        for text in uses:
+            assert tokenizer.tokenize(text)[: len(tokenizer.tokenize(word))] == tokenizer.tokenize(word), text
+    japanese = [p for p in tokenizer.get_vocab() if {_script(c) for c in p} & {"kanji", "hiragana", "katakana"}]
+    mixed = [p for p in japanese if len({_script(c) for c in p}) > 1]
+    assert not mixed, mixed[:5]
+
+
+def _script(char: str) -> str:
+    import re
+
+    for name, pattern in (("kanji", r"[一-龯々]"), ("hiragana", r"[ぁ-ゖ]"), ("katakana", r"[ァ-ヺー]")):
+        if re.fullmatch(pattern, char):
+            return name
+    return "other"
+
+
+def test_length_batches_cover_every_example_once_within_the_token_budget():
+    import random
+
+    lengths = [random.Random(i).randint(5, 120) for i in range(500)]
+    batches = embedded.length_batches(lengths, 600, random.Random(0))
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    assert all(len(b) * max(lengths[i] for i in b) <= 600 for b in batches)
+    assert batches != embedded.length_batches(lengths, 600, random.Random(1))  # shuffled order, seeded
+
+
+def test_build_trains_a_loadable_model_from_a_corpus(tmp_path):
+    """The build end to end on one corpus file, tiny: a Llama and tokenizer `from_pretrained` loads, the loss falls,
+    and only the completion is scored (the prompt's tokens carry no label)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    shutil.copy(embedded.CORPUS_DIR / "g1_01.jsonl", corpus_dir)
+    logged = []
+    out = embedded.build(corpus_dir, tmp_path / "model", log=logged.append,
+                         size=dict(hidden_size=64, layers=2, heads=2, intermediate_size=128, vocab_size=500),
+                         sft=dict(steps=40, learning_rate=3e-3, batch_tokens=2048, logging_steps=10))
+    losses = [float(line.rsplit(" ", 1)[1]) for line in logged if line.startswith("step ")]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.5, logged
+    model = LlamaForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.vocab_size == len(tokenizer) and tokenizer.chat_template
+    example = {"prompt": [embedded.user("質問")], "completion": [embedded.assistant("答え")]}
+    (ids, n_prompt), = embedded.tokenize_examples([example], tokenizer)
+    assert tokenizer.decode(ids[n_prompt:]).startswith("答え") and "質問" in tokenizer.decode(ids[:n_prompt])
