@@ -263,19 +263,14 @@ def sft_loop(model, tokenized: list[tuple[list[int], int]], pad_id: int, *, step
     examples (it also scores entropy and accuracy over the vocabulary each step, for its logs), this loop 0.93 s a
     step of about 68 (18 ms against 14 ms an example), and a from-scratch model at the edge of an hour's budget needs
     every step."""
-    import math
-
     import torch
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     rng = random.Random(seed)
     lengths = [len(ids) for ids, _ in tokenized]
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.98), weight_decay=0.0)
-    warm = max(1, int(warmup * steps))
-
-    def rate(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, max(1, int(warmup * steps)), steps,
+                                                           min_lr_rate=0.1)
 
     def tensors(batch: list[int]):
         width = max(lengths[i] for i in batch)
@@ -295,13 +290,12 @@ def sft_loop(model, tokenized: list[tuple[list[int], int]], pad_id: int, *, step
         if not batches:
             batches = length_batches(lengths, batch_tokens, rng)
         ids, mask, labels = tensors(batches.pop())
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate * rate(step)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)
         recent.append(loss.item())
         if len(recent) == logging_steps or step == steps - 1:
