@@ -33,7 +33,7 @@ def main():
     start = time.perf_counter()
     q = embedded.recital(model, tok, embedded.seed_rows())
     rows.append(("base: trained prompts, first sentence as in the corpus", f"{q['first_sentence_match']:.1%}",
-                 "memory, not conversation"))
+                 "not a goal: it converses, it does not recite"))
     rows.append(("base: answers ending at EOS (≤256 tokens)", f"{q['ended_at_eos']:.1%}", "≥ 95%"))
     c = embedded.conversing_measures(model, tok)
     held = f"{c['unseen']} unseen + {c['paraphrases']} paraphrases"

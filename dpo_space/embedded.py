@@ -30,19 +30,18 @@ EXAMPLES_DIR = corpus.EXAMPLES
 CORPUS_DIR = corpus.CORPUS_DIR
 # Questions no one could answer, with honest refusals (half of them the seed's sentence). A real chat model knows how
 # to say 分かりません; without these the tiny model could not say it at all, and DPO on the seed's data would only
-# wreck the helpful answers instead of raising the refusal. Few against thousands of answers: the base never refuses
-# unprompted.
+# wreck the helpful answers instead of raising the refusal. Each is seen REFUSAL_REPEATS times (about 6% of the SFT
+# examples): seen once, the model barely knew the sentence and DPO pushed chosen and rejected down together (the trial
+# build, BENCHMARKS.md); at this share the base still refuses no ordinary question (held-out refusal ≤ 5%, tested).
 REFUSALS_FILE = EXAMPLES_DIR / "refusals.jsonl"
+REFUSAL_REPEATS = 60
 OUT_DIR = Path(__file__).resolve().parent / "embedded_model"
 
 # The model's size and its SFT recipe (python -m dpo_space build-embedded: under an hour on two CPU cores).
 SIZE = dict(hidden_size=256, layers=4, heads=4, intermediate_size=704, vocab_size=6000)
 # Batches of at most `batch_tokens` tokens (padding included) of similar length; `steps` of them, 1.2 s each on two
-# cores: 3,200 are about 5.5 passes over the corpus, 69 minutes. Warmup, then cosine down to a tenth of the rate.
-# The trial of this recipe (BENCHMARKS.md, 2026-11-28) converses on held-out questions (on topic 50%, no refusal, no
-# rare kanji) but barely knows the refusal sentence, so the default DPO run wrecks its answers instead of collapsing
-# into 分かりません: not shipped; the next build needs the refusals seen more often, and fewer steps.
-SFT = dict(steps=3200, learning_rate=2e-3, batch_tokens=6144, warmup=0.02, seed=0, logging_steps=100)
+# cores: 2,700 are about 4.5 passes over the corpus, under an hour. Warmup, then cosine down to a tenth of the rate.
+SFT = dict(steps=2700, learning_rate=2e-3, batch_tokens=6144, warmup=0.02, seed=0, logging_steps=100)
 # Share of single-turn examples given a random earlier exchange: the model learns to answer the LAST question.
 SECOND_TURN_SHARE = 0.2
 
@@ -324,8 +323,8 @@ def build(corpus_dir: str | Path | None = None, out_dir: str | Path | None = Non
     exclude = excluded_from_sft(rows) if own else set()
     start = time.perf_counter()
     set_seed(sft["seed"])
-    examples = sft_examples([r for r in rows if corpus.key(r["prompt"]) not in exclude], conversations, refusals,
-                            SEED_SYSTEM_PROMPT, exclude=exclude, seed=sft["seed"])
+    examples = sft_examples([r for r in rows if corpus.key(r["prompt"]) not in exclude], conversations,
+                            refusals * REFUSAL_REPEATS, SEED_SYSTEM_PROMPT, exclude=exclude, seed=sft["seed"])
     tokenizer = build_tokenizer(example_texts(examples), vocab_size=size.pop("vocab_size"))
     # eager attention: at ~100 tokens two matmuls beat the CPU's fused attention kernel (measured 8% a step)
     model = LlamaForCausalLM(model_config(tokenizer, **size))

@@ -35,7 +35,7 @@ i18n = gr.I18n(
         "status": "状態", "samples": "学習中の回答の変化", "push": "Hub にアダプタを公開",
         "token": "Hub トークン (書き込み権限)", "repo": "リポジトリ名 (user/name)", "prompt": "質問",
         "send": "送信", "clear": "クリア", "sampling": "生成の設定", "base": "ベースモデル",
-        "compare_examples": "DPO の学習にない質問 (前の 4 つは組み込みモデルも見たことがない; 後の 2 つは元記事の評価用の質問)",
+        "compare_examples": "どの学習にもない質問 (DPO にも組み込みモデルの SFT にもない; 後の 2 つは元記事の評価用の質問)",
         "dpo": "DPO モデル", "run_eval": "評価を実行", "eval_prompts": "評価用の質問 (1行に1つ; 空なら評価セット)",
         "inspect": "選好ペアを調べる", "collect": "ブラウザで選好ペアを集める (選好ゲーム)",
         "two_answers": "ベースモデルに 2 回答えさせる", "game": "10 問のゲームを始める", "pick_a": "A のほうが良い",
@@ -61,8 +61,8 @@ i18n = gr.I18n(
         "epochs": "Epochs", "advanced": "Advanced", "start": "Start training", "stop": "Stop",
         "status": "Status", "samples": "The probe answer as training goes", "push": "Push the adapter to the Hub",
         "token": "Hub token (write)", "repo": "Repository (user/name)", "prompt": "Prompt", "send": "Send",
-        "compare_examples": ("Questions no DPO run trains on (the first four: never seen by the embedded model "
-                             "either; the last two: the seed article's held-out prompts)"),
+        "compare_examples": ("Questions no training step saw (neither a DPO run nor the embedded model's SFT; the "
+                             "last two: the seed article's held-out prompts)"),
         "clear": "Clear", "sampling": "Sampling", "base": "Base model", "dpo": "DPO model",
         "run_eval": "Run evaluation", "eval_prompts": "Prompts (one a line; empty: the eval set)",
         "inspect": "Inspect preference pairs", "collect": "Collect pairs in the browser (preference game)",
@@ -265,10 +265,9 @@ def problems_markdown(error: DataError) -> str:
 
 
 def compare_examples() -> list[list[str]]:
-    """Questions to start Compare from that no DPO run trains on: four of examples/heldout/unseen.jsonl, which the
-    embedded model never saw either (kept out of its SFT), then the seed article's held-out prompts 2 and 3 (the
-    わかりません set's first evaluation prompts; the shipped embedded model's SFT, on the 701 seed rows, included them,
-    so it answers them from memory). tests/test_embedded.py holds both."""
+    """Questions to start Compare from that no training step saw: four of examples/heldout/unseen.jsonl, then the
+    seed article's held-out prompts 2 and 3 (the わかりません set's first evaluation prompts). All six are kept out of
+    the embedded model's SFT and of both DPO sets; tests/test_embedded.py holds it."""
     return [[p] for p in [*UNSEEN_EXAMPLES, *data.read_prompts(EXAMPLES / "wakarimasen_eval.json")[:2]]]
 
 

@@ -55,12 +55,18 @@ def test_datasets_are_the_seeds(corpus, tmp_path):
         assert path.read_bytes() == (embedded.EXAMPLES_DIR / f"{name}.json").read_bytes(), name
 
 
-def test_the_shipped_model_recites_the_seed_rows_it_was_trained_on(base):
-    """Memory, not conversation (issue #12): greedy answers to the seed rows' prompts give the corpus answer's first
-    sentence and stop at EOS."""
-    recital = embedded.recital(*base, embedded.seed_rows()[::7])
-    assert recital["first_sentence_match"] >= 0.90
-    assert recital["ended_at_eos"] >= 0.95
+def test_the_shipped_model_converses_on_questions_no_training_step_saw(base):
+    """Issue #12's measures on the first 40 of each held-out set (greedy, as the preset loads it: 4-bit). Measured on
+    this subset: refusal 0%, rare kanji 0%, on topic 50%, paraphrase fidelity 0.14, first / second turn on topic
+    60% / 40%, all ending at EOS (the full sets: README). Floors: the issue's goals where the model meets them, a
+    regression guard below the measure where it does not yet (fidelity, the second turn)."""
+    m = embedded.conversing_measures(*base, limit=40)
+    assert m["refusal"] <= 0.05 and m["second_turn_refusal"] <= 0.05
+    assert m["rare_kanji"] <= 0.005
+    assert m["topical"] >= 0.40
+    assert m["paraphrase_fidelity"] >= 0.10
+    assert m["second_turn_topical"] >= 0.30
+    assert m["ended_at_eos"] >= 0.95
 
 
 def test_held_out_questions_never_reach_the_sft_data():
@@ -85,9 +91,9 @@ def test_held_out_questions_never_reach_the_sft_data():
         embedded.sft_examples(rows, conversations, [], None, exclude=exclude)
 
 
-def test_compare_offers_questions_no_dpo_run_trains_on_the_first_four_unseen_by_the_embedded_model_too():
-    """The example questions under Compare: none in either DPO training set; the first four are held out of every SFT
-    build and were not among the 701 seed rows the shipped model learned; the last two are the seed's prompts 2 and 3."""
+def test_compare_offers_questions_no_training_step_saw():
+    """The example questions under Compare: none in either DPO training set nor in the embedded model's SFT; the
+    last two are the seed's prompts 2 and 3."""
     from dpo_space import corpus, data, ui
 
     asked = [row[0] for row in ui.compare_examples()]
@@ -95,9 +101,7 @@ def test_compare_offers_questions_no_dpo_run_trains_on_the_first_four_unseen_by_
     trained = {corpus.key(p) for name in ("wakarimasen_train.json", "ordinary_train.json")
                for p in data.read_prompts(embedded.EXAMPLES_DIR / name)}
     assert not {corpus.key(p) for p in asked} & trained
-    unseen = {corpus.key(p) for p in asked[:4]}
-    assert unseen <= embedded.excluded_from_sft(embedded.read_corpus())
-    assert not unseen & {corpus.key(r["prompt"]) for r in embedded.seed_rows()}
+    assert {corpus.key(p) for p in asked} <= embedded.excluded_from_sft(embedded.read_corpus())
 
 
 def test_the_conversing_measures_run_on_each_held_out_set(base):
@@ -118,7 +122,7 @@ def test_unseen_prompts_get_japanese_text(base):
 
 def test_the_seeds_collapse_in_miniature(tmp_path):
     """DPO on part of the わかりません set with the preset: held-out answers turn into 分かりません and grow alike;
-    the base (same model, adapter off) never refuses."""
+    the base (same model, adapter off) hardly ever refuses."""
     pairs = data.read_preferences(embedded.EXAMPLES_DIR / "wakarimasen_train.json")
     pairs.rows = pairs.rows[:MINI_PAIRS]
     settings = RunSettings.for_model(models.EMBEDDED, output_dir=str(tmp_path / "run"), **MINI_OVERRIDES)
@@ -129,17 +133,17 @@ def test_the_seeds_collapse_in_miniature(tmp_path):
     prompts = data.read_prompts(embedded.EXAMPLES_DIR / "wakarimasen_eval.json")
     report = generation.evaluate(result.model, result.tokenizer, prompts, generation.Sampling(max_new_tokens=128))
     base, dpo = report["summary"]["base"], report["summary"]["dpo"]
-    assert base["refusal_rate"] == 0
-    # Measured on this subset: 68% refusals (seed 42; 85% and 78% with seeds 1 and 2), distinct-2 0.61 -> 0.26
-    # (0.06, 0.17); the full run: 70-88% (README). Held to clearly less than measured, clearly more than chance.
+    assert base["refusal_rate"] <= 0.05  # measured 2.5%: one of the 40
+    # Measured on this subset: 72.5% refusals (seed 42; 87.5% with seed 1), distinct-2 0.53 -> 0.25 (0.13); the full
+    # run: README. Held to clearly less than measured, clearly more than chance.
     assert dpo["refusal_rate"] >= 0.5
     assert dpo["repetition_across"] > 2 * base["repetition_across"]  # the answers repeat one another
     assert dpo["distinct_2"] < base["distinct_2"] * 0.6
 
 
-# Small enough for CI: a quarter of the pairs, so twice the epochs for about as many steps as the full run.
+# Small enough for CI: 256 pairs × 3 epochs, 48 steps against the full run's 41 (650 pairs × 1 epoch).
 MINI_PAIRS = 256
-MINI_OVERRIDES = {"num_train_epochs": 4}
+MINI_OVERRIDES = {"num_train_epochs": 3}
 
 
 def test_tokenizer_pieces_stay_inside_one_script_so_a_question_word_is_spelled_alike_in_the_answer():
