@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -260,24 +261,37 @@ def generate(model, tokenizer, conversation: Conversation, sampling: Sampling = 
 
 
 def stream(model, tokenizer, conversation: Conversation, sampling: Sampling = Sampling(), *, use_adapter: bool,
-           adapter_name: str | None = None) -> Iterator[str]:
-    """Yield the answer so far, growing, until the model stops (EOS) or hits `max_new_tokens`."""
+           adapter_name: str | None = None, resolve: Callable[[], tuple[Any, str | None]] | None = None
+           ) -> Iterator[str]:
+    """Yield the answer so far, growing, until the model stops (EOS) or hits `max_new_tokens`.
+
+    `resolve`, for a model shared between threads whose adapters others load and unload (the Space's chat model): called
+    under `model_lock` in the thread that generates, right before it does, it returns (model, adapter name or None for
+    the base), so that no one can unload the adapter or rewrap the model between choosing it and using it."""
     ids = torch.tensor([prompt_ids(tokenizer, conversation, sampling.system_prompt)], device=model.device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
     errors: list[BaseException] = []
 
     def run():
         try:
-            with model_lock, adapter(model, use_adapter, adapter_name), torch.inference_mode():
-                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                               eos_token_id=_eos_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
-                               **sampling.generate_kwargs(tokenizer))
+            with model_lock:
+                m, on, name = model, use_adapter, adapter_name
+                if resolve is not None:
+                    m, name = resolve()
+                    on = name is not None
+                was_training = m.training
+                m.eval()
+                try:
+                    with adapter(m, on, name), torch.inference_mode():
+                        m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                                   eos_token_id=_eos_ids(m, tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                   **sampling.generate_kwargs(tokenizer))
+                finally:
+                    m.train(was_training)
         except BaseException as e:  # re-raised in the caller's thread
             errors.append(e)
             streamer.end()
 
-    was_training = model.training
-    model.eval()
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     text = ""
@@ -287,7 +301,6 @@ def stream(model, tokenizer, conversation: Conversation, sampling: Sampling = Sa
             yield text.rstrip("\ufffd")  # a character cut by max_new_tokens (or still arriving) is not shown
     finally:
         thread.join()
-        model.train(was_training)
     if errors:
         raise errors[0]
 

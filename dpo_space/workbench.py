@@ -28,7 +28,7 @@ from pathlib import Path
 from . import gpu
 from .data import PreferenceData, read_preferences
 from .errors import DPOSpaceError
-from .generation import Sampling
+from .generation import Sampling, model_lock
 from .models import Hardware, detect_hardware
 from .space import Retention, is_finished_run, runs_to_evict
 from .training import RunSettings, StopSignal, read_metrics, read_run_config, read_samples
@@ -350,8 +350,9 @@ class Workbench:
             active = {j.output_dir for j in self._jobs.values() if j.active}
         evicted = runs_to_evict(self.root, self.retention, active)
         for run in evicted:
-            self.chat.forget(run)
-            shutil.rmtree(run, ignore_errors=True)
+            with model_lock:  # unloaded and removed in one hold: Compare cannot reload it from a half-removed folder
+                self.chat.forget(run)
+                shutil.rmtree(run, ignore_errors=True)
             run.with_name(f"{run.name}-adapter.zip").unlink(missing_ok=True)
             if not any(run.parent.iterdir()):  # nothing of this visitor's is left: no empty folder either
                 run.parent.rmdir()

@@ -40,7 +40,7 @@ def test_the_plan_fits_each_gpu_and_prefers_no_checkpointing(elyza):
 
 def test_shapes_come_from_presets_or_a_local_config(tiny_model_dir):
     embedded = memory.shape_for(models.EMBEDDED)
-    assert (embedded.layers, embedded.hidden, embedded.vocab, embedded.tied) == (4, 256, 4000, True)
+    assert (embedded.layers, embedded.hidden, embedded.vocab, embedded.tied) == (4, 256, 6000, True)
     assert memory.shape_for(str(tiny_model_dir)).layers == 2
     assert memory.shape_for("someone/unknown-model") is None  # offline and not a preset: no estimate, no error
 

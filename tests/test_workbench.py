@@ -144,6 +144,25 @@ def test_the_chat_model_holds_at_most_max_adapters_and_reloads_an_unloaded_one(t
     assert list(gpu.answer("旅行の準備は?", greedy, str(runs[0])))[-1] == first  # reloaded from disk, same answers
     assert list(chat.loaded) == [str(runs[2]), str(runs[0])]
 
+    # Another visitor's adapter unloads this one after Compare chose it and before it generates (what the soak met,
+    # 4 answers in 12 visitors, when adapters outgrew the cache): the answer still comes, from the run asked for.
+    chose, raced_once = chat.adapter, []
+
+    def then_another_visitor_loads_two(run_dir):
+        name = chose(run_dir)
+        if run_dir == str(runs[1]) and not raced_once:
+            raced_once.append(run_dir)
+            chose(str(runs[2]))
+            chose(str(runs[0]))  # runs[1] is unloaded now (cap 2)
+        return name
+
+    chat.adapter = then_another_visitor_loads_two
+    try:
+        raced = list(gpu.answer("旅行の準備は?", greedy, str(runs[1])))[-1]
+    finally:
+        del chat.adapter
+    assert raced == list(gpu.answer("旅行の準備は?", greedy, str(runs[1])))[-1]
+
 
 def test_runs_beyond_retention_are_removed_and_their_visitor_is_told_not_shown_an_error(tiny_model_dir,
                                                                                          wakarimasen_pairs, tmp_path):
