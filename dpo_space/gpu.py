@@ -25,6 +25,7 @@ import hashlib
 import math
 from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import spaces
@@ -100,6 +101,19 @@ class ChatModel:
                 self._unload(next(iter(self.loaded)))
             return name
 
+    def current(self, run_dir: str | Path | None) -> tuple:
+        """(model, adapter name or None for the base) for a run, the adapter loaded first: loading one wraps the
+        model. Hold `model_lock` from this call until the model has been used: another visitor's adapter may unload
+        this one, or rewrap the model, as soon as it is released."""
+        name = self.adapter(run_dir)
+        return self.model, name
+
+    @contextmanager
+    def using(self, run_dir: str | Path | None):
+        """`current(run_dir)` for the block, under `model_lock`."""
+        with model_lock:
+            yield self.current(run_dir)
+
     def forget(self, run_dir: str | Path):
         with model_lock:
             if str(run_dir) in self.loaded:
@@ -143,20 +157,18 @@ def answer(conversation: Conversation, sampling: Sampling, run_dir: str | None =
     """One side of Compare, streamed: the base (`run_dir` None) or the DPO model of that run."""
     chat = chat_model()
     chat.check_available()
-    if run_dir is not None:
-        chat.adapter(run_dir)  # loaded now, so that a run no longer on disk is said before streaming starts
-    # chosen again where it is used: another visitor's adapter may unload this one, or rewrap the model, meanwhile
+    chat.adapter(run_dir)  # loaded now, so that a run no longer on disk is said before streaming starts
+    # chosen again where it is used, in the thread that generates (see `ChatModel.current`)
     yield from stream(chat.model, chat.tokenizer, conversation, sampling, use_adapter=run_dir is not None,
-                      resolve=lambda: (chat.model, chat.adapter(run_dir)) if run_dir else (chat.model, None))
+                      resolve=lambda: chat.current(run_dir))
 
 
 @spaces.GPU(duration=lambda scored, beta, system_prompt, run_dir: 10 + 2 * len(scored))
 def rewards(scored: list[tuple[Conversation, str]], beta: float, system_prompt: str | None, run_dir: str) -> list[float]:
     """The implicit reward of each (conversation, answer) under the run's DPO model."""
     chat = chat_model()
-    with model_lock:  # chosen and used in one hold: another visitor's adapter may unload this one meanwhile
-        name = chat.adapter(run_dir)  # first: loading an adapter wraps the model
-        return implicit_rewards(chat.model, chat.tokenizer, scored, beta, system_prompt, name)
+    with chat.using(run_dir) as (model, name):
+        return implicit_rewards(model, chat.tokenizer, scored, beta, system_prompt, name)
 
 
 @spaces.GPU(duration=lambda prompts, sampling: generation_seconds(len(prompts), sampling, batch_size=8))
@@ -164,8 +176,8 @@ def base_answers(prompts: list[str], sampling: Sampling) -> list[str]:
     """The base model's answers to many prompts (to build an extreme dataset the seed's way)."""
     chat = chat_model()
     chat.check_available()
-    with model_lock:  # another visitor's first adapter would wrap the model between two batches
-        return generate_batch(chat.model, chat.tokenizer, prompts, sampling, use_adapter=False, batch_size=8)
+    with chat.using(None) as (model, _):  # another visitor's first adapter would wrap the model between two batches
+        return generate_batch(model, chat.tokenizer, prompts, sampling, use_adapter=False, batch_size=8)
 
 
 def evaluation_seconds(prompts: list[str], sampling: Sampling, models: int = 2, k: int = 0) -> int:
@@ -184,8 +196,7 @@ def evaluate(prompts: list[str], sampling: Sampling, run_dir: str, more_runs: li
     """The base and the run's DPO model (and `more_runs`' models, labelled by run folder name) on the same prompts,
     with `k` samples of the first few prompts per model for the per-prompt diversity and the KL estimate."""
     chat = chat_model()
-    with model_lock:  # chosen and used in one hold: another visitor's adapter may unload these meanwhile
-        name = chat.adapter(run_dir)
+    with chat.using(run_dir) as (_, name):
         others = {Path(run).name: chat.adapter(run) for run in more_runs}
         return evaluate_answers(chat.model, chat.tokenizer, prompts, sampling, adapter_name=name, others=others,
                                 k=k, diversity_prompts=EVAL_DIVERSITY_PROMPTS)
@@ -194,9 +205,8 @@ def evaluate(prompts: list[str], sampling: Sampling, run_dir: str, more_runs: li
 @spaces.GPU(duration=lambda rows, beta, system_prompt, run_dir: 15 + len(rows))
 def pair_report(rows: list[dict], beta: float, system_prompt: str | None, run_dir: str) -> list[dict]:
     chat = chat_model()
-    with model_lock:
-        name = chat.adapter(run_dir)
-        return score_pairs(chat.model, chat.tokenizer, rows, beta, system_prompt, adapter_name=name)
+    with chat.using(run_dir) as (model, name):
+        return score_pairs(model, chat.tokenizer, rows, beta, system_prompt, adapter_name=name)
 
 
 # ---------------------------------------------------------------- training

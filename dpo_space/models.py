@@ -20,6 +20,10 @@ EMBEDDED = "embedded"
 EMBEDDED_DIR = Path(__file__).parent / "embedded_model"
 
 
+# Every linear layer of a Llama-style block (Qwen's and Mistral's share the names): the LoRA targets one may pick.
+LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclass(frozen=True)
 class Preset:
     """A model a user can pick, with the run settings that suit it (overrides of `RunSettings`)."""
@@ -50,8 +54,7 @@ PRESETS: dict[str, Preset] = {
             # in two); 2e-3 wrecks it.
             settings={"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 16,
                       "warmup_steps": 0.1, "max_length": 256, "train_sampling_strategy": "group_by_length",
-                      "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                              "down_proj"]},
+                      "lora_target_modules": list(LLAMA_LINEAR)},
             note="Built by `python -m dpo_space build-embedded` from examples/corpus; ships inside the package.",
             gpu_seconds_per_pair=0.02,
         ),

@@ -112,7 +112,7 @@ ADVANCED = ("lora_alpha", "lora_dropout", "lora_target_modules", "learning_rate"
             "load_in_4bit", "bnb_4bit_quant_type", "use_bnb_nested_quant", "gradient_checkpointing", "precision",
             "system_prompt", "report_to")
 SETTINGS = UP_FRONT + ADVANCED
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGET_MODULES = list(models.LLAMA_LINEAR)
 INTEGERS = ("lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "seed")
 
 
