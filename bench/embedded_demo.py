@@ -1,11 +1,12 @@
 """The seed article's demo on the embedded model, full size: prints a table of the figures issue #3 asks for.
 
-    python bench/embedded_demo.py [--pairs 650] [--recipes seed,gentle]
+    python bench/embedded_demo.py [--pairs 650] [--recipes seed,gentle] [--no-ordinary]
 
 1. base: recital of the seed rows it was trained on; issue #12's measures on the held-out sets (examples/heldout/)
 2. for each recipe: DPO on wakarimasen_train.json with the embedded preset, wall time
 3. on the 40 held-out prompts: refusal rate and repeated-trigram share, base vs DPO; on the held-out sets: the refusal
-   rate, on-topic and rare-kanji shares after DPO
+   rate, on-topic and rare-kanji shares after DPO, and whether the Train tab's probe ends in the refusal
+4. the ordinary set's DPO run with the preset: issue #12's measures on the held-out sets, base vs after
 """
 
 from __future__ import annotations
@@ -19,13 +20,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpo_space import data, embedded, generation, models  # noqa: E402
-from dpo_space.training import RECIPES, RunSettings, train  # noqa: E402
+from dpo_space.collapse import has_refusal  # noqa: E402
+from dpo_space.training import PROBE_PROMPT, RECIPES, RunSettings, SampleTimeline, read_samples, train  # noqa: E402
+
+class TimedTimeline(SampleTimeline):
+    """The probe timeline, with the time its answers take (part of the run's wall time, as in the app)."""
+
+    seconds = 0.0
+
+    def on_log(self, *args, **kwargs):
+        start = time.perf_counter()
+        super().on_log(*args, **kwargs)
+        self.seconds += time.perf_counter() - start
+
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--pairs", type=int, default=650)
     parser.add_argument("--recipes", default="seed,gentle")
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--no-ordinary", dest="ordinary", action="store_false",
+                        help="skip the ordinary set's run and its held-out measures")
     args = parser.parse_args()
 
     rows = []
@@ -56,14 +71,17 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             settings = RunSettings.for_model(models.EMBEDDED, output_dir=str(Path(tmp) / "run"), **RECIPES[recipe])
             start = time.perf_counter()
-            result = train(settings, train_data)
+            # the Train tab's probe, sampled 10 times over the run as the app does (greedy, 64 tokens)
+            timeline = TimedTimeline(PROBE_PROMPT, every=len(train_data) // settings.per_device_train_batch_size // 10)
+            result = train(settings, train_data, callbacks=[timeline])
             seconds = time.perf_counter() - start
+            probe = read_samples(result.output_dir)[-1]
             report = generation.evaluate(result.model, result.tokenizer, prompts, sampling)
             after = embedded.conversing_measures(result.model, result.tokenizer, use_adapter=True)
         base, dpo = report["summary"]["base"], report["summary"]["dpo"]
         last = result.metrics[-1]
         rows.append((f"{recipe}: DPO {len(train_data)} pairs × {settings.num_train_epochs:g} epochs, wall time",
-                     f"{seconds:.0f} s", "≤ 180 s" if recipe == "seed" else ""))
+                     f"{seconds:.0f} s ({timeline.seconds:.0f} s of it the probe)", "≤ 60 s" if recipe == "seed" else ""))
         rows.append((f"{recipe}: final loss / margin / accuracy",
                      f"{last['loss']:.3f} / {last['rewards/margins']:.2f} / {last['rewards/accuracies']:.2f}", ""))
         rows.append((f"{recipe}: held-out refusal rate base → DPO",
@@ -78,16 +96,33 @@ def main():
                      f"{c['refusal']:.0%} → {after['refusal']:.0%}", "≥ 90%" if recipe == "seed" else ""))
         rows.append((f"{recipe}: same, on topic / rare kanji after DPO",
                      f"{after['topical']:.0%} / {after['rare_kanji']:.2%}", ""))
+        rows.append((f"{recipe}: the probe's answer at step {probe['step']} is the refusal",
+                     "yes" if has_refusal(probe["answer"]) else "no", "yes" if recipe == "seed" else ""))
         rows.append((f"{recipe}: held-out distinct-2 base → DPO", f"{base['distinct_2']:.2f} → {dpo['distinct_2']:.2f}",
                      ""))
         example = next(r for r in report["rows"] if r["prompt"].startswith("人はどんなこと"))
+        print(f"\n[{recipe}] probe at step {probe['step']}: {probe['answer']}")
         print(f"\n[{recipe}] {example['prompt']}\n  base: {example['base']}\n  dpo:  {example['dpo']}")
 
+    if args.ordinary:  # issue 12: the ordinary set's run (helpful chosen, poor rejected) leaves the measures no worse
+        ordinary = data.read_preferences(embedded.EXAMPLES_DIR / "ordinary_train.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            result = train(RunSettings.for_model(models.EMBEDDED, output_dir=str(Path(tmp) / "run")), ordinary)
+            seconds = time.perf_counter() - start
+            after = embedded.conversing_measures(result.model, result.tokenizer, use_adapter=True)
+        rows.append((f"ordinary: DPO {len(ordinary)} pairs with the preset, wall time", f"{seconds:.0f} s", ""))
+        for name, key, fmt in (("refusal", "refusal", ".1%"), ("rare kanji", "rare_kanji", ".2%"),
+                               ("on topic", "topical", ".1%"), ("paraphrase fidelity", "paraphrase_fidelity", ".2f"),
+                               ("second question on topic", "second_turn_topical", ".1%")):
+            rows.append((f"ordinary: held-out {name} base → DPO", f"{c[key]:{fmt}} → {after[key]:{fmt}}", "no worse"))
+
     width = max(len(r[0]) for r in rows)
-    print(f"\n{'measure':<{width}} | {'value':<22} | target")
-    print(f"{'-' * width}-|-{'-' * 22}-|-------")
+    values = max(len(r[1]) for r in rows)
+    print(f"\n{'measure':<{width}} | {'value':<{values}} | target")
+    print(f"{'-' * width}-|-{'-' * values}-|-------")
     for name, value, target in rows:
-        print(f"{name:<{width}} | {value:<22} | {target}")
+        print(f"{name:<{width}} | {value:<{values}} | {target}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
     python bench/speed.py --write BENCHMARKS.md
 
 Every run is its own process (a clean peak-memory reading, nothing cached between runs). Same model (the embedded
-one, fp32, as the preset loads it), same 650 pairs, 2 epochs. "Training" is everything after the model is loaded:
+one, 4-bit nf4, as the preset loads it), same 650 pairs; each recipe runs its own epochs, as a user would run it (the
+seed's 2 at batch 1, the embedded preset's 1 at batch 12), and per-epoch figures divide by them. "Training" is everything after the model is loaded:
 tokenising, the trainer, reference log-probs, the steps and the save. Held-out loss, reward accuracy and margin are
 measured the same way for both, by TRL's own evaluation (the trainer's `evaluate`) on the 40 held-out pairs after the
 clock stops, so speed never hides worse learning. The seed's own evaluations every 500 steps stay in its clock. FLOPs are counted from the model's matrices and the real token counts (padding does not count):
@@ -37,7 +38,7 @@ from transformers import TrainerCallback
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PAIRS, EPOCHS = 650, 2
+PAIRS, EPOCHS = 650, 2  # EPOCHS: the seed's; DPO Space runs its preset's
 
 
 # ---------------------------------------------------------------- one run, in a child process
@@ -170,11 +171,12 @@ def child(spec: dict) -> dict:
                                                                     spec.get("lever"))
     train_s = done - loaded
     last = [h for h in history if "loss" in h][-1]
+    epochs = last["epoch"]  # each recipe's own: the seed's 2, the embedded preset's 1
     tokens = sum(2 * p + c + r for p, c, r in measure.lengths)
     return {
-        "load_s": loaded - start, "train_s": train_s, "epoch_s": train_s / EPOCHS,
-        "pairs_per_s": len(measure.lengths) * EPOCHS / train_s, "tokens_per_s": tokens * EPOCHS / train_s,
-        "flops": flops(model, measure.lengths, EPOCHS, measure.precomputed),
+        "load_s": loaded - start, "train_s": train_s, "epochs": epochs, "epoch_s": train_s / epochs,
+        "pairs_per_s": len(measure.lengths) * epochs / train_s, "tokens_per_s": tokens * epochs / train_s,
+        "flops": flops(model, measure.lengths, epochs, measure.precomputed),
         "params": sum(p.numel() for n, p in model.get_base_model().named_parameters() if "lora_" not in n),
         "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "final_loss": last["loss"], "train_accuracy": last.get("rewards/accuracies"),
@@ -365,7 +367,8 @@ def main():
               "final train loss | held-out loss / reward acc / margin |\n|---|---|---|---|---|---|---|---|---|")
     lines = [f"Machine: {os.cpu_count()} CPU cores, torch {ours['threads']:.0f} threads; fp32 matmul "
              f"{rate:.0f} GFLOP/s on the model's shapes ({square:.0f} on 1024² squares). "
-             f"{args.pairs} pairs × {EPOCHS} epochs, median of {args.repeats} runs each.", "", header,
+             f"{args.pairs} pairs, each recipe its own epochs (the seed's {seed['epochs']:g}, the preset's "
+             f"{ours['epochs']:g}), median of {args.repeats} runs each.", "", header,
              row("seed article's recipe (batch 1)", seed), row("DPO Space default", ours), "",
              f"Speed-up: {seed['train_s'] / ours['train_s']:.1f}× (training), "
              f"{(seed['train_s'] + seed['load_s']) / (ours['train_s'] + ours['load_s']):.1f}× (with the model load: "
@@ -389,7 +392,10 @@ def main():
     if args.write:
         header = (f"# Benchmarks\n\nWritten by `python bench/speed.py {' '.join(sys.argv[1:])}` on "
                   f"{time.strftime('%Y-%m-%d')}. How each figure is measured: the docstring of `bench/speed.py`.\n\n")
-        Path(args.write).write_text(header + text + "\n\n" + GPU_PEERS + "\n", encoding="utf-8")
+        path = Path(args.write)  # the file's sections from "## On a GPU" on are kept (other benches write them)
+        old = path.read_text(encoding="utf-8") if path.exists() else ""
+        rest = old[old.index("## On a GPU"):] if "## On a GPU" in old else GPU_PEERS + "\n"
+        path.write_text(header + text + "\n\n" + rest, encoding="utf-8")
 
 
 if __name__ == "__main__":

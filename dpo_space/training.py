@@ -359,8 +359,13 @@ class RunGuard(TrainerCallback):
             control.should_training_stop = True
 
 
+# The Train tab's probe by default: the seed article's own example question, one of the 40 evaluation prompts that
+# no DPO pair holds
+PROBE_PROMPT = "人はどんなことをしてもらうと嬉しいですか?"
+
+
 class SampleTimeline(TrainerCallback):
-    """Every `every` optimizer steps (and at step 1), the policy's current answer to a probe prompt, written to
+    """Every `every` optimizer steps (and at the first and the last), the policy's current answer to a probe prompt, written to
     samples.jsonl in the run folder: the collapse is seen forming, not only its curve. Taken when the step's metrics
     are logged, after they reach the chart, so sampling never delays a chart point."""
 
@@ -375,7 +380,7 @@ class SampleTimeline(TrainerCallback):
 
         if not state.is_world_process_zero or "loss" not in (logs or {}):
             return
-        if state.global_step % self.every and state.global_step != 1:
+        if state.global_step % self.every and state.global_step not in (1, state.max_steps):
             return
         answer = generate(model, processing_class, self.prompt, self.sampling, use_adapter=True)
         record = {"step": state.global_step, "prompt": self.prompt, "answer": answer}

@@ -883,7 +883,7 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
                             widgets[name] = setting_widget(name, defaults[name])
                 with gr.Row():
                     max_pairs = gr.Number(650, label=i18n("max_pairs"), precision=0)
-                    probe = gr.Textbox("人はどんなことをしてもらうと嬉しいですか?", label=i18n("probe"))
+                    probe = gr.Textbox(training.PROBE_PROMPT, label=i18n("probe"))
             settings_widgets = [widgets[name] for name in SETTINGS]
             memory_estimate = gr.Markdown(elem_id="memory-estimate")
             with gr.Row():

@@ -16,4 +16,5 @@ def test_the_speed_benchmark_measures_a_run_and_its_held_out_figures():
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["train_s"] > 0 and result["tokens_per_s"] > 0 and result["params"] > 1_000_000
+    assert result["epochs"] == 1 and result["epoch_s"] == result["train_s"]  # the preset's epochs, not the seed's 2
     assert set(result["heldout"]) == {"loss", "accuracy", "margin"} and 0 <= result["heldout"]["accuracy"] <= 1

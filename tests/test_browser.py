@@ -73,8 +73,8 @@ def test_journey(page, tmp_path):
     pairs.press("Tab")
     page.wait_for_timeout(300)
     page.locator("#start").click()
-    # 160 pairs at the preset's batch 16, 1 epoch: 10 steps (so the number typed above reached the run)
-    page.locator("#run-status").get_by_text(re.compile(r"step \d+/10")).first.wait_for(timeout=60_000)
+    # 160 pairs at the preset's batch 12, 1 epoch: 14 steps (so the number typed above reached the run)
+    page.locator("#run-status").get_by_text(re.compile(r"step \d+/14")).first.wait_for(timeout=60_000)
     # a reload mid-run neither stalls nor kills the run: the page reattaches to its live chart
     page.reload()
     page.get_by_role("tab", name="学習").click()

@@ -1,5 +1,5 @@
-"""The embedded default (issue 3): the shipped model and datasets, its quality before DPO, and the seed's demo in
-miniature. The full-size figures are printed by bench/embedded_demo.py."""
+"""The embedded default (issue 3): the shipped model and datasets, its quality before DPO, and the seed's demo
+as the app runs it by default. Every figure of it is printed by bench/embedded_demo.py."""
 
 import json
 
@@ -120,12 +120,11 @@ def test_unseen_prompts_get_japanese_text(base):
     assert all(embedded.is_japanese(a) for a in answers), answers
 
 
-def test_the_seeds_collapse_in_miniature(tmp_path):
-    """DPO on part of the わかりません set with the preset: held-out answers turn into 分かりません and grow alike;
-    the base (same model, adapter off) hardly ever refuses."""
+def test_the_seeds_collapse_at_full_size(tmp_path):
+    """The default DPO run, as the app starts it (the preset, all 650 pairs of the わかりません set): held-out answers
+    turn into 分かりません and grow alike; the base (same model, adapter off) hardly ever refuses."""
     pairs = data.read_preferences(embedded.EXAMPLES_DIR / "wakarimasen_train.json")
-    pairs.rows = pairs.rows[:MINI_PAIRS]
-    settings = RunSettings.for_model(models.EMBEDDED, output_dir=str(tmp_path / "run"), **MINI_OVERRIDES)
+    settings = RunSettings.for_model(models.EMBEDDED, output_dir=str(tmp_path / "run"))
     result = train(settings, pairs)
     assert result.metrics[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
     assert result.metrics[-1]["rewards/accuracies"] >= 0.9
@@ -134,16 +133,12 @@ def test_the_seeds_collapse_in_miniature(tmp_path):
     report = generation.evaluate(result.model, result.tokenizer, prompts, generation.Sampling(max_new_tokens=128))
     base, dpo = report["summary"]["base"], report["summary"]["dpo"]
     assert base["refusal_rate"] <= 0.05  # measured 2.5%: one of the 40
-    # Measured on this subset: 72.5% refusals (seed 42; 87.5% with seed 1), distinct-2 0.53 -> 0.25 (0.13); the full
-    # run: README. Held to clearly less than measured, clearly more than chance.
-    assert dpo["refusal_rate"] >= 0.5
+    # Measured, sampled: 90% refusals (seed 42; 82.5% with seed 1), distinct-2 0.53 -> 0.12 (0.11), repetition across
+    # answers 0.25 -> 0.86 (0.88). A run of 256 pairs x 3 epochs reached only 47.5%: few pairs seen often teach those
+    # prompts, not the refusal. Held to clearly less than measured, clearly more than chance.
+    assert dpo["refusal_rate"] >= 0.7
     assert dpo["repetition_across"] > 2 * base["repetition_across"]  # the answers repeat one another
-    assert dpo["distinct_2"] < base["distinct_2"] * 0.6
-
-
-# Small enough for CI: 256 pairs × 3 epochs, 48 steps against the full run's 41 (650 pairs × 1 epoch).
-MINI_PAIRS = 256
-MINI_OVERRIDES = {"num_train_epochs": 3}
+    assert dpo["distinct_2"] < base["distinct_2"] * 0.5
 
 
 def test_tokenizer_pieces_stay_inside_one_script_so_a_question_word_is_spelled_alike_in_the_answer():

@@ -287,3 +287,23 @@ def test_likelihood_displacement_warns_only_past_the_set_drop():
     warning = likelihood_displacement(both_fall)
     assert "fell 12.0 nats" in warning and "-40.0 → -52.0" in warning and "-45.0 → -90.0" in warning
     assert likelihood_displacement(both_fall[:1]) is None and likelihood_displacement([]) is None
+
+
+def test_the_probe_timeline_samples_the_first_step_every_nth_and_the_last(monkeypatch, tmp_path):
+    """The timeline ends where the run ends (41 steps, every 4: 1, 4, ..., 40 and 41), so its last answer is the
+    trained model's; an entry with no loss (an eval log) takes no sample."""
+    from types import SimpleNamespace
+
+    from dpo_space import generation
+    from dpo_space.training import SampleTimeline, read_samples
+
+    monkeypatch.setattr(generation, "generate", lambda model, tok, prompt, sampling, use_adapter: f"answer to {prompt}")
+    timeline = SampleTimeline("probe?", every=4)
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    for step in range(1, 42):
+        state = SimpleNamespace(global_step=step, max_steps=41, is_world_process_zero=True)
+        timeline.on_log(args, state, None, logs={"loss": 0.5}, model=None, processing_class=None)
+        timeline.on_log(args, state, None, logs={"eval_loss": 0.5}, model=None, processing_class=None)
+    samples = read_samples(tmp_path)
+    assert [s["step"] for s in samples] == [1, *range(4, 41, 4), 41]
+    assert samples[-1] == {"step": 41, "prompt": "probe?", "answer": "answer to probe?"}
