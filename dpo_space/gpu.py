@@ -226,7 +226,7 @@ SHARED_BASE = ("Compare is paused while a run trains: this GPU holds one copy of
 
 
 @spaces.GPU(duration=training_seconds)
-def train_run(settings, data: PreferenceData, stop_path: str, probe: str | None, sample_every: int,
+def train_run(settings, data: PreferenceData, stop_path: str, probe: str | None, sample_every: int | None,
               hardware: Hardware, share_base: bool = False) -> str:
     """One run on a fresh copy of the base, or, with `share_base` (a GPU too small for two copies), on the chat
     model's own base with chat paused meanwhile; returns the saved run folder (metrics, samples and adapter are on disk

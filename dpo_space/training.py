@@ -365,14 +365,15 @@ PROBE_PROMPT = "人はどんなことをしてもらうと嬉しいですか?"
 
 
 class SampleTimeline(TrainerCallback):
-    """Every `every` optimizer steps (and at the first and the last), the policy's current answer to a probe prompt, written to
-    samples.jsonl in the run folder: the collapse is seen forming, not only its curve. Taken when the step's metrics
-    are logged, after they reach the chart, so sampling never delays a chart point."""
+    """Every `every` optimizer steps (by default a tenth of the run: about ten answers), and at the first and the last,
+    the policy's current answer to a probe prompt, written to samples.jsonl in the run folder: the collapse is seen
+    forming, not only its curve. Taken when the step's metrics are logged, after they reach the chart, so sampling
+    never delays a chart point."""
 
-    def __init__(self, prompt: str, every: int, sampling=None):
+    def __init__(self, prompt: str, every: int | None = None, sampling=None):
         from .generation import Sampling
 
-        self.prompt, self.every = prompt, max(1, every)
+        self.prompt, self.every = prompt, None if every is None else max(1, every)
         self.sampling = sampling or Sampling(temperature=0, max_new_tokens=64)
 
     def on_log(self, args, state, control, logs=None, model=None, processing_class=None, **kwargs):
@@ -380,7 +381,8 @@ class SampleTimeline(TrainerCallback):
 
         if not state.is_world_process_zero or "loss" not in (logs or {}):
             return
-        if state.global_step % self.every and state.global_step not in (1, state.max_steps):
+        every = self.every or max(1, state.max_steps // 10)
+        if state.global_step % every and state.global_step not in (1, state.max_steps):
             return
         answer = generate(model, processing_class, self.prompt, self.sampling, use_adapter=True)
         record = {"step": state.global_step, "prompt": self.prompt, "answer": answer}

@@ -519,7 +519,7 @@ def start_run(bench: Workbench, limits: Limits, runs: space.RateLimit, visitor, 
     if warning:
         gr.Warning(warning)
     pairs = data.validate_rows(rows[: fitted.pairs], source="dataset")
-    job = bench.submit(visitor, fitted.settings, pairs, probe=probe or None, sample_every=max(1, fitted.steps // 10))
+    job = bench.submit(visitor, fitted.settings, pairs, probe=probe or None)  # the probe answers about ten times
     status = f"queued ({job.id}): {fitted.pairs} pairs, {fitted.steps} steps" + "".join(
         f" · {note}" for note in fitted.notes)
     yield status, gr.Timer(active=True)

@@ -103,7 +103,7 @@ class Job:
     settings: RunSettings
     data: PreferenceData
     probe: str | None = None
-    sample_every: int = 5
+    sample_every: int | None = None  # None: a tenth of the run (SampleTimeline)
     status: str = "queued"  # queued → running → done | stopped | failed; or restored: interrupted | evicted
     message: str = ""
     created: float = field(default_factory=time.time)
@@ -229,7 +229,7 @@ class Workbench:
     # ---------------------------------------------------------------- runs
 
     def submit(self, visitor: str, settings: RunSettings, data: PreferenceData, *, probe: str | None = None,
-               sample_every: int = 5) -> Job:
+               sample_every: int | None = None) -> Job:
         """A run for this visitor: in line for the training thread, or, inline (ZeroGPU), ready for `run` to train in
         the visitor's own request."""
         check_visitor(visitor)

@@ -307,3 +307,10 @@ def test_the_probe_timeline_samples_the_first_step_every_nth_and_the_last(monkey
     samples = read_samples(tmp_path)
     assert [s["step"] for s in samples] == [1, *range(4, 41, 4), 41]
     assert samples[-1] == {"step": 41, "prompt": "probe?", "answer": "answer to probe?"}
+
+    (tmp_path / "samples.jsonl").unlink()  # by default a tenth of the run, as the Train tab asks: the same steps
+    timeline = SampleTimeline("probe?")
+    for step in range(1, 42):
+        state = SimpleNamespace(global_step=step, max_steps=41, is_world_process_zero=True)
+        timeline.on_log(args, state, None, logs={"loss": 0.5}, model=None, processing_class=None)
+    assert [s["step"] for s in read_samples(tmp_path)] == [1, *range(4, 41, 4), 41]
