@@ -57,8 +57,12 @@ def main():
     rows.append(("base: on topic (a content word of the question)", f"{c['topical']:.1%}", "≥ 40%"))
     rows.append(("base: paraphrase fidelity (bigram F1 to the corpus answer)", f"{c['paraphrase_fidelity']:.2f}",
                  "≥ 0.4"))
+    rows.append(("base: same F1, the original questions as worded in training", f"{c['recall_fidelity']:.2f}",
+                 "what it remembers: the ceiling of fidelity"))
     rows.append((f"base: on topic, first / second question of {c['conversations']} conversations",
                  f"{c['first_turn_topical']:.1%} / {c['second_turn_topical']:.1%}", "second as good as first"))
+    rows.append(("base: on topic, the second questions asked on their own", f"{c['second_turn_alone_topical']:.1%}",
+                 "how hard they are, apart from the conversation"))
     rows.append(("base: measure time", f"{time.perf_counter() - start:.0f} s", ""))
     for example in c["examples"][:3]:
         print(f"[held out] {example['prompt']}\n  base: {example['answer'][:100]}")
