@@ -430,27 +430,33 @@ def conversing_measures(model, tokenizer, *, limit: int | None = None, use_adapt
                              adapter_name=adapter_name, batch_size=batch_size, ended=ended)
         return out, ended
 
-    u_answers, u_ended = answer([r["prompt"] for r in unseen])
+    asked, first_asked, second_asked = ([r["prompt"] for r in unseen], [c["turns"][0]["prompt"] for c in second],
+                                        [c["turns"][1]["prompt"] for c in second])
+    u_answers, u_ended = answer(asked)
     p_answers, p_ended = answer([r["prompt"] for r in reworded])
     r_answers, _ = answer([r["original"] for r in reworded])
-    firsts, _ = answer([c["turns"][0]["prompt"] for c in second])
-    alone, _ = answer([c["turns"][1]["prompt"] for c in second])
-    s_answers, s_ended = answer([[user(c["turns"][0]["prompt"]), assistant(first), user(c["turns"][1]["prompt"])]
-                                 for c, first in zip(second, firsts, strict=True)])
+    firsts, _ = answer(first_asked)
+    alone, _ = answer(second_asked)
+    s_answers, s_ended = answer([[user(q1), assistant(a1), user(q2)]
+                                 for q1, a1, q2 in zip(first_asked, firsts, second_asked, strict=True)])
+
+    def fidelity(answers) -> float:
+        return _mean(bigram_f1(a, answers_by_prompt.get(r["original"], ""))
+                     for r, a in zip(reworded, answers, strict=True))
+
+    def topical(questions, answers) -> float:
+        return _mean(on_topic(q, a) for q, a in zip(questions, answers, strict=True))
+
     return {
         "unseen": len(unseen), "paraphrases": len(reworded), "conversations": len(second),
         "refusal": _mean(has_refusal(a) for a in u_answers + p_answers),
         "rare_kanji": rare_kanji_share(u_answers + p_answers + s_answers),
-        "topical": _mean(on_topic(r["prompt"], a) for r, a in zip(unseen, u_answers, strict=True)),
-        "paraphrase_fidelity": _mean(bigram_f1(a, answers_by_prompt.get(r["original"], ""))
-                                     for r, a in zip(reworded, p_answers, strict=True)),
-        "recall_fidelity": _mean(bigram_f1(a, answers_by_prompt.get(r["original"], ""))
-                                 for r, a in zip(reworded, r_answers, strict=True)),
-        "first_turn_topical": _mean(on_topic(c["turns"][0]["prompt"], a) for c, a in zip(second, firsts, strict=True)),
-        "second_turn_topical": _mean(on_topic(c["turns"][1]["prompt"], a)
-                                     for c, a in zip(second, s_answers, strict=True)),
-        "second_turn_alone_topical": _mean(on_topic(c["turns"][1]["prompt"], a)
-                                           for c, a in zip(second, alone, strict=True)),
+        "topical": topical(asked, u_answers),
+        "paraphrase_fidelity": fidelity(p_answers),
+        "recall_fidelity": fidelity(r_answers),
+        "first_turn_topical": topical(first_asked, firsts),
+        "second_turn_topical": topical(second_asked, s_answers),
+        "second_turn_alone_topical": topical(second_asked, alone),
         "second_turn_refusal": _mean(has_refusal(a) for a in s_answers),
         "ended_at_eos": _mean(u_ended + p_ended + s_ended),
         "examples": [{"prompt": r["prompt"], "answer": a} for r, a in zip(unseen[:5], u_answers, strict=False)],

@@ -214,7 +214,8 @@ def test_copies_of_one_example_are_dealt_over_the_batches_not_grouped():
     assert any(all(i < 240 for i in b) for b in grouped)  # a batch of copies only: what dealing them prevents
     batches = embedded.length_batches(lengths, 600, random.Random(0), spread=copies)
     assert sorted(i for b in batches for i in b) == list(range(640))
-    dealt = [sum(i in set(copies) for i in b) for b in batches]
+    spread = set(copies)
+    dealt = [sum(i in spread for i in b) for b in batches]
     assert max(dealt) - min(dealt) <= 1 and all(any(i >= 240 or i < 4 for i in b) for b in batches)
 
 
