@@ -56,18 +56,17 @@ def test_datasets_are_the_seeds(corpus, tmp_path):
 
 
 def test_the_shipped_model_converses_on_questions_no_training_step_saw(base):
-    """Issue #12's measures on the first 80 of each held-out set (greedy, as the preset loads it: 4-bit; the first 40
-    unseen questions alone are harder, 38% on topic). Measured on this subset: refusal 0%, rare kanji 0%, on topic
-    54%, paraphrase fidelity 0.17 (0.28 for the questions as worded in training), first / second turn on topic
-    59% / 46% (the second asked alone 48%), 99% ending at EOS (the full sets: README). Floors: the issue's goals where
-    the model meets them, a regression guard below the measure where it does not yet (fidelity, the second turn).
-    The model built with the refusals' copies grouped in batches of their own remembered 0.20."""
+    """Issue #12's measures on the first 80 of each held-out set (greedy, as the preset loads it: 4-bit). Measured on
+    this subset: refusal 0%, rare kanji 0%, on topic 56%, paraphrase fidelity 0.23 (0.91 for the questions as worded in
+    training), first / second turn on topic 54% / 51% (the second asked alone 50%), 100% ending at EOS (the full sets:
+    README). Floors: the issue's goals where the model meets them, a regression guard below the measure where it does
+    not yet (fidelity, the second turn). The model built in 2,700 eager steps remembered 0.28 and reached 0.17."""
     m = embedded.conversing_measures(*base, limit=80)
     assert m["refusal"] <= 0.05 and m["second_turn_refusal"] <= 0.05
     assert m["rare_kanji"] <= 0.005
     assert m["topical"] >= 0.40
-    assert m["paraphrase_fidelity"] >= 0.14 and m["recall_fidelity"] >= 0.24
-    assert m["second_turn_topical"] >= 0.35
+    assert m["paraphrase_fidelity"] >= 0.19 and m["recall_fidelity"] >= 0.8
+    assert m["second_turn_topical"] >= 0.42 and m["first_turn_topical"] - m["second_turn_topical"] <= 0.1
     assert m["ended_at_eos"] >= 0.95
 
 
@@ -159,9 +158,9 @@ def test_the_seeds_collapse_at_full_size(tmp_path):
     report = generation.evaluate(result.model, result.tokenizer, prompts, generation.Sampling(max_new_tokens=128))
     base, dpo = report["summary"]["base"], report["summary"]["dpo"]
     assert base["refusal_rate"] <= 0.05  # measured 2.5%: one of the 40
-    # Measured, sampled: 90% refusals (seed 42; 82.5% with seed 1), distinct-2 0.53 -> 0.12 (0.11), repetition across
-    # answers 0.25 -> 0.86 (0.88). A run of 256 pairs x 3 epochs reached only 47.5%: few pairs seen often teach those
-    # prompts, not the refusal. Held to clearly less than measured, clearly more than chance.
+    # Measured, sampled (seed 42): 98% refusals, distinct-2 0.61 -> 0.08, repetition across answers 0.17 -> 0.91 (the
+    # model before, 2,700 eager SFT steps: 90% and 82.5% with seed 1). A run of 256 pairs x 3 epochs reached only
+    # 47.5%: few pairs seen often teach those prompts, not the refusal. Held to clearly less than measured.
     assert dpo["refusal_rate"] >= 0.7
     assert dpo["repetition_across"] > 2 * base["repetition_across"]  # the answers repeat one another
     assert dpo["distinct_2"] < base["distinct_2"] * 0.5
@@ -217,6 +216,39 @@ def test_copies_of_one_example_are_dealt_over_the_batches_not_grouped():
     spread = set(copies)
     dealt = [sum(i in spread for i in b) for b in batches]
     assert max(dealt) - min(dealt) <= 1 and all(any(i >= 240 or i < 4 for i in b) for b in batches)
+
+
+def test_compiled_sft_is_deterministic_and_trains_as_eager_does():
+    """build-embedded compiles its loop (torch.compile, about 1.8x a step on two cores): two compiled runs from the
+    same seed end with equal weights, and the losses follow the eager loop's within bf16 rounding."""
+    import random
+
+    import torch
+
+    rng = random.Random(0)
+    tokenized = [([1] + [rng.randrange(3, 20) for _ in range(rng.randint(8, 60))], 4) for _ in range(200)]
+    sft = dict(steps=12, learning_rate=3e-3, batch_tokens=1024, warmup=0.1, seed=0, logging_steps=4)
+
+    def run(compile: bool):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(embedded.model_config(_StubTokenizer(), hidden_size=64, layers=2, heads=2,
+                                                       intermediate_size=128))
+        model.set_attn_implementation("eager")
+        losses = embedded.sft_loop(model, tokenized, 0, compile=compile, log=lambda _: None, **sft)
+        return losses, [p.detach().clone() for p in model.parameters()]
+
+    (first, weights), (second, again), (eager, _) = run(True), run(True), run(False)
+    assert first == second and all(torch.equal(a, b) for a, b in zip(weights, again, strict=True))
+    assert first[-1] < first[0] - 1 and first == pytest.approx(eager, abs=0.02)
+    assert not torch.are_deterministic_algorithms_enabled()  # the global switch is restored after the build
+
+
+class _StubTokenizer:
+    """What model_config reads of a tokenizer."""
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+
+    def __len__(self):
+        return 300
 
 
 def test_build_trains_a_loadable_model_from_a_corpus(tmp_path):
