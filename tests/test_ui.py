@@ -488,6 +488,28 @@ def test_compare_scores_each_answer_in_its_own_conversation_from_the_second_turn
     assert "+0.20" in last[4] and "+0.10" in last[3]
 
 
+def test_two_answers_that_come_back_word_for_word_are_drawn_again_hotter():
+    """A question the model knows by heart gives the same sample twice at 0.9: the second is drawn again at 1.1, then
+    1.3, each with a seed of its own, until it differs (identical answers make no pair); one that differs at once is
+    kept as drawn."""
+    from dpo_space.workbench import new_visitor_id
+
+    class Bench:
+        def __init__(self, same_below):
+            self.same_below, self.temperatures = same_below, []
+
+        def base_answers(self, prompts, sampling):
+            self.temperatures.append((sampling.temperature, sampling.seed))
+            hot = sampling.temperature >= self.same_below
+            return ["暗記した答え"] * (len(prompts) - 1) + [f"{sampling.temperature}の答え" if hot else "暗記した答え"]
+
+    hotter = [(0.9, 5), (1.1, 6), (1.3, 7)]  # and another seed each time
+    for same_below, drawn, b in ((0.9, hotter[:1], "0.9の答え"), (1.3, hotter, "1.3の答え"), (2.0, hotter, "暗記した答え")):
+        bench = Bench(same_below)
+        a, got = ui.two_answers(bench, ui.Limits(), NO_RATE_LIMIT, new_visitor_id(), "質問", 5)
+        assert (a, got, bench.temperatures) == ("暗記した答え", b, drawn)
+
+
 def test_the_inspector_formats_pairs_as_the_run_trained_them(tmp_path, monkeypatch):
     """Its system prompt and β are the run's, not the Compare tab's."""
     from dpo_space import data, workbench
