@@ -218,7 +218,7 @@ def test_copies_of_one_example_are_dealt_over_the_batches_not_grouped():
     assert max(dealt) - min(dealt) <= 1 and all(any(i >= 240 or i < 4 for i in b) for b in batches)
 
 
-def test_compiled_sft_is_deterministic_and_trains_as_eager_does():
+def test_compiled_sft_is_deterministic_and_trains_as_eager_does(tiny_model_dir):
     """build-embedded compiles its loop (torch.compile, about 1.8x a step on two cores): two compiled runs from the
     same seed end with equal weights, and the losses follow the eager loop's within bf16 rounding."""
     import random
@@ -230,25 +230,16 @@ def test_compiled_sft_is_deterministic_and_trains_as_eager_does():
     sft = dict(steps=12, learning_rate=3e-3, batch_tokens=1024, warmup=0.1, seed=0, logging_steps=4)
 
     def run(compile: bool):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(embedded.model_config(_StubTokenizer(), hidden_size=64, layers=2, heads=2,
-                                                       intermediate_size=128))
+        model = LlamaForCausalLM.from_pretrained(tiny_model_dir)  # the same untrained weights each time
         model.set_attn_implementation("eager")
-        losses = embedded.sft_loop(model, tokenized, 0, compile=compile, log=lambda _: None, **sft)
+        losses = embedded.sft_loop(model, tokenized, model.config.pad_token_id, compile=compile, log=lambda _: None,
+                                   **sft)
         return losses, [p.detach().clone() for p in model.parameters()]
 
     (first, weights), (second, again), (eager, _) = run(True), run(True), run(False)
     assert first == second and all(torch.equal(a, b) for a, b in zip(weights, again, strict=True))
     assert first[-1] < first[0] - 1 and first == pytest.approx(eager, abs=0.02)
     assert not torch.are_deterministic_algorithms_enabled()  # the global switch is restored after the build
-
-
-class _StubTokenizer:
-    """What model_config reads of a tokenizer."""
-    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
-
-    def __len__(self):
-        return 300
 
 
 def test_build_trains_a_loadable_model_from_a_corpus(tmp_path):
