@@ -30,7 +30,7 @@ PROMPT_CHARS = (4, 90)
 TASK_PROMPT_CHARS = (4, 400)  # a task with its text after a line break
 ANSWER_CHARS = (30, 180)
 POOR_CHARS = (4, 90)
-PARAPHRASES = (2, 4)
+PARAPHRASES = (2, 8)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -26,7 +26,7 @@ def test_each_rule_is_named_with_row_and_field():
     assert any("'answer': kanji outside JIS level 1: 璧" in p
                for p in problems({**GOOD, "answer": GOOD["answer"] + "完璧です。"}))
     assert any("'poor_kind': must be one of curt, wrong, rude" in p for p in problems({**GOOD, "poor_kind": "bad"}))
-    assert any("'paraphrases': a list of 2–4" in p for p in problems({**GOOD, "paraphrases": ["光合成って?"]}))
+    assert any("'paraphrases': a list of 2–8" in p for p in problems({**GOOD, "paraphrases": ["光合成って?"]}))
     assert any("two wordings are the same" in p
                for p in problems({**GOOD, "paraphrases": ["光合成とは何ですか。", "光合成って?"]}))
     assert any("row 1: 'answer': 8 characters" in p for p in problems({**GOOD, "answer": "光合成は大事です。"[:8]}))
@@ -75,3 +75,15 @@ def test_every_shipped_file_passes_the_checker():
     assert len(paths) > 100
     problems = {str(p): [str(x) for x in check_file(p)][:3] for p in paths}
     assert not {p: v for p, v in problems.items() if v}
+
+
+def test_no_held_out_paraphrase_is_a_trained_wording_in_all_but_spelling():
+    """A held-out paraphrase is a new wording of a corpus question: none is as close as 0.7 (character-bigram
+    Jaccard) to any wording the model trains on, or its fidelity would measure recall, not understanding. The corpus
+    wordings written to teach new ways of asking were kept only below 0.6."""
+    from dpo_space.corpus import CORPUS_DIR, HELDOUT_DIR, read_dir, read_jsonl, variants
+
+    trained = [v for row in read_dir(CORPUS_DIR) for v in variants(row)]
+    held = [row["prompt"] for row in read_jsonl(HELDOUT_DIR / "paraphrases.jsonl")]
+    assert len(held) >= 200 and len(trained) > 6 * 6000
+    assert near_duplicates(held, trained, threshold=0.7) == []
