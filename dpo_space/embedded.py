@@ -34,14 +34,17 @@ CORPUS_DIR = corpus.CORPUS_DIR
 # examples): seen once, the model barely knew the sentence and DPO pushed chosen and rejected down together (the trial
 # build, BENCHMARKS.md); at this share the base still refuses no ordinary question (held-out refusal ≤ 5%, tested).
 REFUSALS_FILE = EXAMPLES_DIR / "refusals.jsonl"
-REFUSAL_REPEATS = 60
+REFUSAL_REPEATS = 100
+# The two-turn conversations, seen twice each: with seven wordings a corpus question (four before) they keep about the
+# share of the SFT examples they had (4%), as the refusals do at 100 copies (60 before).
+CONVERSATION_REPEATS = 2
 OUT_DIR = Path(__file__).resolve().parent / "embedded_model"
 
 # The model's size and its SFT recipe (python -m dpo_space build-embedded: under an hour on two CPU cores).
 SIZE = dict(hidden_size=256, layers=4, heads=4, intermediate_size=704, vocab_size=6000)
 # Batches of at most `batch_tokens` tokens (padding included) of similar length, the refusals' copies dealt over them;
-# `steps` of them, compiled (torch.compile: about 0.5 s a step on two cores, against 0.85 eager): 5,000 are about
-# 8 passes over the corpus. Warmup, then cosine down to a tenth of the rate.
+# `steps` of them, compiled (torch.compile: 0.5–0.6 s a step on two cores, against 0.85 eager): 5,000 are about
+# 5 passes over the corpus's seven wordings a question (52 minutes). Warmup, then cosine down to a tenth of the rate.
 SFT = dict(steps=5000, learning_rate=2e-3, batch_tokens=6144, warmup=0.02, seed=0, logging_steps=100, compile=True)
 # Share of single-turn examples given a random earlier exchange: the model learns to answer the LAST question.
 SECOND_TURN_SHARE = 0.2
@@ -364,7 +367,8 @@ def build(corpus_dir: str | Path | None = None, out_dir: str | Path | None = Non
     exclude = excluded_from_sft(rows) if own else set()
     start = time.perf_counter()
     set_seed(sft["seed"])
-    examples = sft_examples([r for r in rows if corpus.key(r["prompt"]) not in exclude], conversations,
+    examples = sft_examples([r for r in rows if corpus.key(r["prompt"]) not in exclude],
+                            conversations * CONVERSATION_REPEATS,
                             refusals * REFUSAL_REPEATS, SEED_SYSTEM_PROMPT, exclude=exclude, seed=sft["seed"])
     tokenizer = build_tokenizer(example_texts(examples), vocab_size=size.pop("vocab_size"))
     # eager attention: at ~100 tokens two matmuls beat the CPU's fused attention kernel (measured 8% a step)
