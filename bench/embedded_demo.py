@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpo_space import data, embedded, generation, models  # noqa: E402
 from dpo_space.collapse import has_refusal  # noqa: E402
-from dpo_space.training import PROBE_PROMPT, RECIPES, RunSettings, SampleTimeline, read_samples, train  # noqa: E402
+from dpo_space.training import PROBE_PROMPT, RunSettings, SampleTimeline, read_samples, train  # noqa: E402
 
 class TimedTimeline(SampleTimeline):
     """The probe timeline, with the time its answers take (part of the run's wall time, as in the app)."""
@@ -73,7 +73,7 @@ def main():
     sampling = generation.Sampling(max_new_tokens=args.max_new_tokens)
     for recipe in args.recipes.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            settings = RunSettings.for_model(models.EMBEDDED, output_dir=str(Path(tmp) / "run"), **RECIPES[recipe])
+            settings = RunSettings.for_recipe(models.EMBEDDED, recipe, output_dir=str(Path(tmp) / "run"))
             start = time.perf_counter()
             timeline = TimedTimeline(PROBE_PROMPT)  # the Train tab's probe, as the app samples it
             result = train(settings, train_data, callbacks=[timeline])

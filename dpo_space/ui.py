@@ -92,7 +92,7 @@ RECIPE_LABELS = {
     "overtrain": "過学習で崩壊を見る / over-train to see collapse",
     "remedies": "崩壊の対策: β↑ + SFT 項 / remedies: higher β + SFT term",
     "ipo": "崩壊の対策: IPO / remedies: IPO",
-    "gentle": "穏やかに (β 0.5, 1 エポック) / gentle",
+    "gentle": "穏やかに (β 0.5, 1 エポック, 学習率 ½) / gentle",
 }
 LOSSES = {"sigmoid (DPO)": ["sigmoid"], "ipo": ["ipo"], "hinge": ["hinge"], "robust": ["robust"],
           "sigmoid + sft": ["sigmoid", "sft"]}
@@ -174,7 +174,7 @@ def settings_values(values: list | tuple) -> dict:
 
 def recipe_values(model: str, recipe: str) -> list:
     """Every settings widget as the model's preset and the recipe set it (the SFT weight shown for its loss only)."""
-    settings = training.RunSettings.for_model(model, **training.RECIPES.get(recipe, {}))
+    settings = training.RunSettings.for_recipe(model, recipe if recipe in training.RECIPES else "seed")
     values = widget_values(settings)
     weight = SETTINGS.index("loss_weights")
     values[weight] = gr.update(value=values[weight], visible=len(settings.loss_type) == 2)
@@ -382,9 +382,10 @@ def game_prompts(seed: int, n: int = GAME_LENGTH) -> list[str]:
     return random.Random(seed).sample(pool, min(n, len(pool)))
 
 
-# A question the model knows by heart comes back word for word twice at 0.9 (a third of the embedded model's game
-# prompts, its corpus questions; 1 in 30 at 1.1, none at 1.3): the second answer is drawn again, hotter
-HOTTER = (1.1, 1.3)
+# A question the model knows by heart comes back word for word twice at 0.9 (the embedded model's game prompts are its
+# corpus questions; built from seven wordings a question: 6 of 40 at 0.9, then 4 at 1.1, 1 at 1.3, none at 1.5 or
+# 1.7): the second answer is drawn again, hotter
+HOTTER = (1.1, 1.3, 1.5, 1.7)
 
 
 def two_answers(bench: Workbench, limits: Limits, answers: space.RateLimit, visitor, prompt: str, seed=0):

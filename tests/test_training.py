@@ -314,3 +314,18 @@ def test_the_probe_timeline_samples_the_first_step_every_nth_and_the_last(monkey
         state = SimpleNamespace(global_step=step, max_steps=41, is_world_process_zero=True)
         timeline.on_log(args, state, None, logs={"loss": 0.5}, model=None, processing_class=None)
     assert [s["step"] for s in read_samples(tmp_path)] == [1, *range(4, 41, 4), 41]
+
+
+def test_a_recipe_scales_the_preset_learning_rate_of_each_model():
+    """The gentle recipe halves the rate of whichever model it runs on (1e-3 embedded, the seed's 5e-5 for its 8B
+    model): a fixed rate in a recipe would be 20 times too high for one of them. Its other fields apply as given."""
+    from dpo_space import models
+
+    for model in (models.EMBEDDED, "elyza-8b"):
+        preset = RunSettings.for_model(model)
+        gentle = RunSettings.for_recipe(model, "gentle")
+        assert gentle.learning_rate == pytest.approx(preset.learning_rate / 2)
+        assert (gentle.beta, gentle.num_train_epochs) == (0.5, 1)
+        assert gentle.per_device_train_batch_size == preset.per_device_train_batch_size
+    assert RunSettings.for_recipe(models.EMBEDDED, "seed") == RunSettings.for_model(models.EMBEDDED)
+    assert RunSettings.for_recipe(models.EMBEDDED, "gentle", learning_rate=1e-4).learning_rate == 1e-4
