@@ -396,7 +396,7 @@ def test_every_offered_recipe_starts_on_the_shared_space_as_the_recipe_says(tmp_
         values = [v["value"] if isinstance(v, dict) else v for v in ui.recipe_values(models.EMBEDDED, recipe)]
         status, _ = first(ui.start_run(bench, ui.Limits.for_space(True), NO_RATE_LIMIT, new_visitor_id(), rows,
                                        models.EMBEDDED, 650, "", *values))
-        expected = training.RunSettings.for_model(models.EMBEDDED, **training.RECIPES[recipe])
+        expected = training.RunSettings.for_recipe(models.EMBEDDED, recipe)
         ran = runs[-1][0]
         for name in ui.SETTINGS:
             assert getattr(ran, name) == getattr(expected, name), (recipe, name)
@@ -489,8 +489,8 @@ def test_compare_scores_each_answer_in_its_own_conversation_from_the_second_turn
 
 
 def test_two_answers_that_come_back_word_for_word_are_drawn_again_hotter():
-    """A question the model knows by heart gives the same sample twice at 0.9: the second is drawn again at 1.1, then
-    1.3, each with a seed of its own, until it differs (identical answers make no pair); one that differs at once is
+    """A question the model knows by heart gives the same sample twice at 0.9: the second is drawn again at 1.1, 1.3,
+    1.5, then 1.7, each with a seed of its own, until it differs (identical answers make no pair); one that differs at once is
     kept as drawn."""
     from dpo_space.workbench import new_visitor_id
 
@@ -503,8 +503,8 @@ def test_two_answers_that_come_back_word_for_word_are_drawn_again_hotter():
             hot = sampling.temperature >= self.same_below
             return ["暗記した答え"] * (len(prompts) - 1) + [f"{sampling.temperature}の答え" if hot else "暗記した答え"]
 
-    hotter = [(0.9, 5), (1.1, 6), (1.3, 7)]  # and another seed each time
-    for same_below, drawn, b in ((0.9, hotter[:1], "0.9の答え"), (1.3, hotter, "1.3の答え"), (2.0, hotter, "暗記した答え")):
+    hotter = [(0.9, 5), (1.1, 6), (1.3, 7), (1.5, 8), (1.7, 9)]  # and another seed each time
+    for same_below, drawn, b in ((0.9, hotter[:1], "0.9の答え"), (1.3, hotter[:3], "1.3の答え"), (2.0, hotter, "暗記した答え")):
         bench = Bench(same_below)
         a, got = ui.two_answers(bench, ui.Limits(), NO_RATE_LIMIT, new_visitor_id(), "質問", 5)
         assert (a, got, bench.temperatures) == ("暗記した答え", b, drawn)
