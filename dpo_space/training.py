@@ -88,7 +88,7 @@ class RunSettings:
     @classmethod
     def for_recipe(cls, model: str, recipe: str, **overrides) -> RunSettings:
         """The model's preset with a recipe of RECIPES on top. A recipe's `learning_rate_scale` multiplies the preset's
-        rate: recipes serve every model, whose rates differ by orders of magnitude (1e-3 embedded, 5e-6 for 8B)."""
+        rate: recipes serve every model, whose rates differ by orders of magnitude (1e-3 embedded, 5e-5 for the 8B)."""
         values = dict(RECIPES[recipe])
         scale = values.pop("learning_rate_scale", None)
         if scale is not None:
