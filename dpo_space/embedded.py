@@ -43,8 +43,9 @@ OUT_DIR = Path(__file__).resolve().parent / "embedded_model"
 # The model's size and its SFT recipe (python -m dpo_space build-embedded: under an hour on two CPU cores).
 SIZE = dict(hidden_size=256, layers=4, heads=4, intermediate_size=704, vocab_size=6000)
 # Batches of at most `batch_tokens` tokens (padding included) of similar length, the refusals' copies dealt over them;
-# `steps` of them, compiled (torch.compile: 0.5–0.6 s a step on two cores, against 0.85 eager): 5,000 are about
-# 5 passes over the corpus's seven wordings a question (52 minutes). Warmup, then cosine down to a tenth of the rate.
+# `steps` of them, compiled (torch.compile: 0.47–0.63 s a step on two cores, two machines; 0.85 eager): 5,000
+# are about 5 passes over the corpus's seven wordings a question (52 minutes on the slower machine). Warmup, then
+# cosine down to a tenth of the rate.
 SFT = dict(steps=5000, learning_rate=2e-3, batch_tokens=6144, warmup=0.02, seed=0, logging_steps=100, compile=True)
 # Share of single-turn examples given a random earlier exchange: the model learns to answer the LAST question.
 SECOND_TURN_SHARE = 0.2

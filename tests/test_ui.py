@@ -490,8 +490,8 @@ def test_compare_scores_each_answer_in_its_own_conversation_from_the_second_turn
 
 def test_two_answers_that_come_back_word_for_word_are_drawn_again_hotter():
     """A question the model knows by heart gives the same sample twice at 0.9: the second is drawn again at 1.1, 1.3,
-    1.5, then 1.7, each with a seed of its own, until it differs (identical answers make no pair); one that differs at once is
-    kept as drawn."""
+    1.5, then 1.7, each with a seed of its own, until it differs (identical answers make no pair); one that differs at
+    once is kept as drawn."""
     from dpo_space.workbench import new_visitor_id
 
     class Bench:
