@@ -961,7 +961,8 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
                                    label=i18n("eval_k"), info=i18n("eval_k_info"), scale=2)
             run_eval = gr.Button(i18n("run_eval"), variant="primary")
             eval_summary = gr.Markdown()
-            eval_chart = gr.BarPlot(x="bar", y="value", color="model", title="base vs DPO", x_title="",
+            eval_chart = gr.BarPlot(x="bar", y="value", color="model", title="base vs DPO", x_title="measure · model",
+                                    x_label_angle=-30,  # "sample_self_bleu · base" and its neighbours overlap flat
                                     sort=[f"{k} · {side}" for k in SUMMARY_MEASURES for side in ("base", "dpo")],
                                     elem_id="eval-chart")
             eval_table = gr.Dataframe(wrap=True, interactive=False, max_height=520,
