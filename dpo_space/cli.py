@@ -101,6 +101,8 @@ def build_parser(settings_flags: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("build-embedded", help="build the embedded tiny Japanese chat model (and the example datasets) from examples/corpus")
     p.add_argument("--corpus", default=None)
     p.add_argument("--output", default=None)
+    p.add_argument("--from-sft", default=None, metavar="DIR",
+                   help="a model this command saved, taken as the SFT's result: only the quantization-aware stage runs")
     return parser
 
 
@@ -243,7 +245,7 @@ def cmd_eval(args) -> int:
 def cmd_build_embedded(args) -> int:
     from . import embedded
 
-    embedded.build(corpus_dir=args.corpus, out_dir=args.output)
+    embedded.build(corpus_dir=args.corpus, out_dir=args.output, from_sft=args.from_sft)
     if args.corpus is None and args.output is None:  # the shipped build also refreshes the shipped datasets
         for path in embedded.write_examples().values():
             print(f"wrote {path}")

@@ -57,17 +57,17 @@ def test_datasets_are_the_seeds(corpus, tmp_path):
 
 def test_the_shipped_model_converses_on_questions_no_training_step_saw(base):
     """Issue #12's measures on the first 80 of each held-out set (greedy, as the preset loads it: 4-bit). Measured on
-    this subset: refusal 0%, rare kanji 0%, on topic 50%, paraphrase fidelity 0.39 (0.90 for the questions as worded in
-    training), first / second turn on topic 42.5% / 41% (the second asked alone 50%), 99% ending at EOS (the full sets,
-    README: fidelity 0.43). Floors: the issue's goals, and regression guards a little below the subset's measure where
-    the goal is met on the full sets only (fidelity) or is a comparison (the second turn). The model built from four
-    wordings a question (seven now) reached 0.23 here, from the same memory (0.91)."""
+    this subset: refusal 0%, rare kanji 0%, on topic 49%, paraphrase fidelity 0.56 (1.00 for the questions as worded in
+    training), first / second turn on topic 47.5% / 47.5% (the second asked alone 50%), 100% ending at EOS (the full
+    sets, README: fidelity 0.60). Floors: the issue's goals, a regression guard below the subset's measure for what
+    the model remembers, and the second turn as a comparison. Before the quantization-aware stage the same SFT weights
+    reached 0.39 here in 4-bit (0.90 remembered): nf4's round trip, not the data, was most of the gap to fp32."""
     m = embedded.conversing_measures(*base, limit=80)
     assert m["refusal"] <= 0.05 and m["second_turn_refusal"] <= 0.05
     assert m["rare_kanji"] <= 0.005
     assert m["topical"] >= 0.40
-    assert m["paraphrase_fidelity"] >= 0.35 and m["recall_fidelity"] >= 0.8
-    assert m["second_turn_topical"] >= 0.35 and m["first_turn_topical"] - m["second_turn_topical"] <= 0.05
+    assert m["paraphrase_fidelity"] >= 0.4 and m["recall_fidelity"] >= 0.9
+    assert m["second_turn_topical"] >= 0.40 and m["first_turn_topical"] - m["second_turn_topical"] <= 0.05
     assert m["ended_at_eos"] >= 0.95
 
 
@@ -255,14 +255,77 @@ def test_build_trains_a_loadable_model_from_a_corpus(tmp_path):
     corpus_dir.mkdir()
     shutil.copy(embedded.CORPUS_DIR / "g1_01.jsonl", corpus_dir)
     logged = []
-    out = embedded.build(corpus_dir, tmp_path / "model", log=logged.append,
-                         size=dict(hidden_size=64, layers=2, heads=2, intermediate_size=128, vocab_size=500),
-                         sft=dict(steps=40, learning_rate=3e-3, batch_tokens=2048, logging_steps=10))
-    losses = [float(line.rsplit(" ", 1)[1]) for line in logged if line.startswith("step ")]
+    recipe = dict(size=dict(hidden_size=64, layers=2, heads=2, intermediate_size=128, vocab_size=500),
+                  sft=dict(steps=40, learning_rate=3e-3, batch_tokens=2048, logging_steps=10))
+    qat = dict(steps=6, batch_tokens=2048, logging_steps=3)
+    out = embedded.build(corpus_dir, tmp_path / "model", log=logged.append, qat=qat, **recipe)
+    losses = [float(line.rsplit(" ", 1)[1]) for line in logged if line.startswith("step ") and "/40:" in line]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.5, logged
+    assert [line.split(":")[0] for line in logged if line.startswith("step ") and "/6:" in line] == ["step 3/6",
+                                                                                                      "step 6/6"]
     model = LlamaForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.config.vocab_size == len(tokenizer) and tokenizer.chat_template
     example = {"prompt": [embedded.user("質問")], "completion": [embedded.assistant("答え")]}
     (ids, n_prompt), = embedded.tokenize_examples([example], tokenizer)
     assert tokenizer.decode(ids[n_prompt:]).startswith("答え") and "質問" in tokenizer.decode(ids[:n_prompt])
+
+
+def test_the_qat_stage_alone_on_a_saved_sft_model_is_the_whole_build(tmp_path):
+    """`build(from_sft=...)` takes a model the build saved as the SFT's result and runs only the quantization-aware
+    stage: the same weights as the build in one go (how a QAT recipe is tried, or added to a model already built,
+    without an hour of SFT)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    shutil.copy(embedded.CORPUS_DIR / "g1_01.jsonl", corpus_dir)
+    recipe = dict(size=dict(hidden_size=64, layers=2, heads=2, intermediate_size=128, vocab_size=500),
+                  sft=dict(steps=12, learning_rate=3e-3, batch_tokens=2048, compile=False), log=lambda _: None)
+    qat = dict(steps=4, batch_tokens=2048)
+    whole = embedded.build(corpus_dir, tmp_path / "whole", qat=qat, **recipe)
+    sft = embedded.build(corpus_dir, tmp_path / "sft", qat=dict(steps=0), **recipe)
+    staged = embedded.build(corpus_dir, tmp_path / "staged", qat=qat, from_sft=sft, **recipe)
+    weights, again, before = (load_file(d / "model.safetensors") for d in (whole, staged, sft))
+    assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
+    assert not all(torch.equal(weights[k], before[k]) for k in weights)  # the QAT stage did train
+    files = sorted(p.name for p in whole.iterdir())
+    assert files == sorted(p.name for p in staged.iterdir()) and "tokenizer_config.json" in files
+    assert all((whole / f).read_bytes() == (staged / f).read_bytes() for f in files if f != "model.safetensors")
+
+
+def test_qat_trains_against_what_a_4bit_load_computes_with():
+    """Every layer a 4-bit load quantizes is one the QAT stage saw through its round trip, and the round trip is
+    exactly the weight bitsandbytes computes with after loading the shipped model (nf4, blocks of 64, nested scales)."""
+    import bitsandbytes as bnb
+    import torch
+
+    model, _ = models.load_model(models.EMBEDDED)
+    full = LlamaForCausalLM.from_pretrained(embedded.OUT_DIR)
+    quantized = {name for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert quantized == set(embedded.quantized_linears(full)) and len(quantized) == 4 * 7
+    for name in quantized:
+        weight = model.get_submodule(name).weight
+        loaded = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        assert torch.allclose(loaded, embedded.nf4_round_trip(full.get_submodule(name).weight), atol=1e-6), name
+
+
+def test_inside_seen_in_nf4_a_layer_computes_with_the_round_trip_and_trains_the_full_weight(tiny_model_dir):
+    """Straight-through: the forward uses the nf4 round trip, the gradient reaches the full weight as if it had
+    been used; on leaving, the full weights stay, under the state-dict names a save and a load expect."""
+    import torch
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    keys = set(model.state_dict())
+    layer = model.model.layers[0].mlp.down_proj
+    full = layer.weight.detach().clone()
+    x = torch.randn(3, layer.in_features)
+    with embedded.seen_in_nf4(model):
+        assert not torch.equal(layer.weight, full)
+        assert torch.allclose(layer(x), x @ embedded.nf4_round_trip(full).T, atol=1e-6)
+        layer(x).sum().backward()
+    assert torch.equal(layer.weight.detach(), full) and set(model.state_dict()) == keys
+    assert torch.allclose(layer.weight.grad, x.sum(0).expand_as(full))
