@@ -87,13 +87,9 @@ class RunSettings:
 
     @classmethod
     def for_recipe(cls, model: str, recipe: str, **overrides) -> RunSettings:
-        """The model's preset with a recipe of RECIPES on top. A recipe's `learning_rate_scale` multiplies the preset's
-        rate: recipes serve every model, whose rates differ by orders of magnitude (1e-3 embedded, 5e-5 for the 8B)."""
-        values = dict(RECIPES[recipe])
-        scale = values.pop("learning_rate_scale", None)
-        if scale is not None:
-            values["learning_rate"] = cls.for_model(model).learning_rate * scale
-        return cls.for_model(model, **{**values, **overrides})
+        """The model's preset with a recipe of RECIPES on top (explicit overrides win): what the UI's recipe menu
+        fills in, and what the benchmarks run."""
+        return cls.for_model(model, **{**RECIPES[recipe], **overrides})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunSettings:
@@ -272,9 +268,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "overtrain": {"num_train_epochs": 4, "beta": 0.05},
     "remedies": {"beta": 0.5, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]},
     "ipo": {"beta": 0.5, "loss_type": ["ipo"]},
-    # half the preset's rate: at the embedded preset's own rate β 0.5 collapsed as far as the seed's recipe (96% of the
-    # held-out questions against 29% at half of it, BENCHMARKS.md)
-    "gentle": {"beta": 0.5, "num_train_epochs": 1, "learning_rate_scale": 0.5},
+    # β 0.5 at the preset's rate: on the embedded model 32% of the held-out questions turn into the refusal (the
+    # seed's recipe: 100%), BENCHMARKS.md
+    "gentle": {"beta": 0.5, "num_train_epochs": 1},
 }
 
 # Keys of run.yaml that are TRL's alone: ours reads the precision from `dtype` and decides the rest from the hardware

@@ -92,7 +92,7 @@ RECIPE_LABELS = {
     "overtrain": "過学習で崩壊を見る / over-train to see collapse",
     "remedies": "崩壊の対策: β↑ + SFT 項 / remedies: higher β + SFT term",
     "ipo": "崩壊の対策: IPO / remedies: IPO",
-    "gentle": "穏やかに (β 0.5, 1 エポック, 学習率 ½) / gentle",
+    "gentle": "穏やかに (β 0.5, 1 エポック) / gentle",
 }
 LOSSES = {"sigmoid (DPO)": ["sigmoid"], "ipo": ["ipo"], "hinge": ["hinge"], "robust": ["robust"],
           "sigmoid + sft": ["sigmoid", "sft"]}

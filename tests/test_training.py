@@ -316,16 +316,18 @@ def test_the_probe_timeline_samples_the_first_step_every_nth_and_the_last(monkey
     assert [s["step"] for s in read_samples(tmp_path)] == [1, *range(4, 41, 4), 41]
 
 
-def test_a_recipe_scales_the_preset_learning_rate_of_each_model():
-    """The gentle recipe halves the rate of whichever model it runs on (1e-3 embedded, the seed's 5e-5 for its 8B
-    model): a fixed rate in a recipe would be 20 times too high for one of them. Its other fields apply as given."""
+def test_a_recipe_overrides_a_few_fields_of_each_models_preset():
+    """The gentle recipe sets β 0.5 and one epoch on whichever model it runs on, and keeps that model's own rate and
+    batch (5e-4 embedded, the seed's 5e-5 for its 8B model); the seed's recipe is the preset itself; explicit values
+    win over both."""
     from dpo_space import models
 
     for model in (models.EMBEDDED, "elyza-8b"):
         preset = RunSettings.for_model(model)
         gentle = RunSettings.for_recipe(model, "gentle")
-        assert gentle.learning_rate == pytest.approx(preset.learning_rate / 2)
-        assert (gentle.beta, gentle.num_train_epochs) == (0.5, 1)
-        assert gentle.per_device_train_batch_size == preset.per_device_train_batch_size
+        assert (gentle.beta, gentle.num_train_epochs, preset.beta) == (0.5, 1, 0.1)
+        assert (gentle.learning_rate, gentle.per_device_train_batch_size) == (preset.learning_rate,
+                                                                              preset.per_device_train_batch_size)
+    assert RunSettings.for_model(models.EMBEDDED).learning_rate == 5e-4
     assert RunSettings.for_recipe(models.EMBEDDED, "seed") == RunSettings.for_model(models.EMBEDDED)
     assert RunSettings.for_recipe(models.EMBEDDED, "gentle", learning_rate=1e-4).learning_rate == 1e-4
