@@ -3,7 +3,8 @@
 corpus (examples/corpus, examples/conversations, examples/refusals.jsonl) → a BPE tokenizer over the corpus's own
 characters, with byte fallback (it round-trips any text, and the model never meets a stray byte piece), whose pieces
 never cross a change of script (a kanji compound or a katakana word is spelled by the same pieces in the question and
-in the answer, so the model can copy it) → tiny Llama → SFT, a plain PyTorch loop → `save_pretrained` into
+in the answer, so the model can copy it) → tiny Llama → SFT, a plain PyTorch loop → the same loop a little longer
+with the weights seen as a 4-bit load will see them (quantization-aware) → `save_pretrained` into
 `dpo_space/embedded_model`, loaded like any Hub model.
 
 Held out means held out: nothing of examples/heldout/ and none of the わかりません set's evaluation prompts (nor their
@@ -41,7 +42,7 @@ REFUSAL_REPEATS = 100
 CONVERSATION_REPEATS = 2
 OUT_DIR = Path(__file__).resolve().parent / "embedded_model"
 
-# The model's size and its SFT recipe (python -m dpo_space build-embedded: under an hour on two CPU cores).
+# The model's size and its SFT recipe (python -m dpo_space build-embedded, QAT included: under an hour on two cores).
 SIZE = dict(hidden_size=256, layers=4, heads=4, intermediate_size=704, vocab_size=6000)
 # Batches of at most `batch_tokens` tokens (padding included) of similar length, the refusals' copies dealt over them;
 # `steps` of them, compiled (torch.compile: 0.47–0.63 s a step on two cores, two machines; 0.85 eager): 5,000
