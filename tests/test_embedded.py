@@ -168,6 +168,19 @@ def test_the_seeds_collapse_at_full_size(tmp_path):
     assert dpo["distinct_2"] < base["distinct_2"] * 0.5
 
 
+def test_the_ordinary_sets_run_leaves_a_model_that_still_converses(tmp_path):
+    """The ordinary set (helpful chosen, poor rejected) trained with the same preset as the collapse: issue #12's
+    measures after it, on the first 80 of each held-out set. Measured: refusal 0%, on topic 52.5% (base 49%), paraphrase
+    fidelity 0.50 (base 0.56; the whole sets 0.60 -> 0.52, so "no worse" is not met), second question 51% (base 47.5%).
+    At the preset's former rate, 1e-3, the whole sets' fidelity fell to 0.32: the floor holds the rate's choice."""
+    pairs = data.read_preferences(embedded.EXAMPLES_DIR / "ordinary_train.json")
+    result = train(RunSettings.for_model(models.EMBEDDED, output_dir=str(tmp_path / "run")), pairs)
+    m = embedded.conversing_measures(result.model, result.tokenizer, limit=80, use_adapter=True)
+    assert m["refusal"] <= 0.05 and m["rare_kanji"] <= 0.005
+    assert m["topical"] >= 0.40 and m["second_turn_topical"] >= 0.40
+    assert m["paraphrase_fidelity"] >= 0.45
+
+
 def test_tokenizer_pieces_stay_inside_one_script_so_a_question_word_is_spelled_alike_in_the_answer():
     """A kanji compound or a katakana word is cut into the same pieces wherever it stands: copying the question's
     words into the answer is then copying the same tokens. (Plain BPE merged オムライスの and ス卵 differently.)"""
