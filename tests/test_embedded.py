@@ -159,8 +159,9 @@ def test_the_seeds_collapse_at_full_size(tmp_path):
     report = generation.evaluate(result.model, result.tokenizer, prompts, generation.Sampling(max_new_tokens=128))
     base, dpo = report["summary"]["base"], report["summary"]["dpo"]
     assert base["refusal_rate"] <= 0.05  # measured 0% (an earlier build: 2.5%, one of the 40)
-    # Measured, sampled (seed 42): 100% refusals, distinct-2 0.59 -> 0.03, repetition across answers 0.18 -> 0.97
-    # (the model from four wordings a question: 98%; the one before it, 2,700 eager SFT steps: 90%, 82.5% with seed 1).
+    # Measured, sampled (seed 42), at the preset's 5e-4 on the quantization-aware build: 100% refusals, distinct-2
+    # 0.57 -> 0.03, repetition across answers 0.21 -> 0.975 (at 1e-3 on the model from four wordings a question: 98%;
+    # the one before it, 2,700 eager SFT steps: 90%, 82.5% with seed 1).
     # A run of 256 pairs x 3 epochs reached only 47.5%: few pairs seen often teach those prompts, not the refusal. Held
     # to clearly less than measured.
     assert dpo["refusal_rate"] >= 0.7
