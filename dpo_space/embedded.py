@@ -51,9 +51,9 @@ SIZE = dict(hidden_size=256, layers=4, heads=4, intermediate_size=704, vocab_siz
 SFT = dict(steps=5000, learning_rate=2e-3, batch_tokens=6144, warmup=0.02, seed=0, logging_steps=100, compile=True)
 # Then quantization-aware training: every app and test loads the model in 4-bit nf4, and on this tiny model the
 # round trip cost more than any lever of the data (paraphrase fidelity 0.59 in fp32, 0.43 in 4-bit; the trained
-# wordings' 0.97 to 0.87). `steps` more of the same loop, each weight seen through the very round trip bitsandbytes
+# wordings' 0.97 to 0.86). `steps` more of the same loop, each weight seen through the very round trip bitsandbytes
 # makes at load (straight-through gradient), from a tenth of the SFT's peak rate; the batches drawn with a seed of their
-# own. 300 steps, about 6 minutes on two cores: 4-bit fidelity 0.57, the trained wordings 0.98 (BENCHMARKS.md).
+# own. 300 steps, about 6 minutes on two cores: 4-bit fidelity 0.60, the trained wordings 0.98 (BENCHMARKS.md).
 QAT = dict(steps=300, learning_rate=2e-4, batch_tokens=6144, warmup=0.02, seed=1, logging_steps=50, compile=False)
 # Share of single-turn examples given a random earlier exchange: the model learns to answer the LAST question.
 SECOND_TURN_SHARE = 0.2
@@ -408,8 +408,9 @@ def quantization_aware(model, tokenized: list[tuple[list[int], int]], pad_id: in
 def build(corpus_dir: str | Path | None = None, out_dir: str | Path | None = None, *, size: dict | None = None,
           sft: dict | None = None, qat: dict | None = None, from_sft: str | Path | None = None, log=print) -> Path:
     """corpus → tokenizer → tiny Llama → SFT → quantization-aware training → `save_pretrained`. Deterministic for a
-    given machine. `from_sft`: a model this build saved, taken as the SFT stage's result (its tokenizer and weights),
-    so that only the QAT stage runs (tests/test_embedded.py holds that this gives what the whole build does)."""
+    given machine. `from_sft`: a model this build saved without the QAT stage (`qat={"steps": 0}`), taken as the SFT
+    stage's result (its tokenizer and weights), so that only the QAT stage runs (tests/test_embedded.py holds that
+    this gives what the whole build does). The shipped model's SFT weights are those of the commit before QAT came."""
     from transformers import AutoTokenizer, set_seed
 
     from .data import SEED_SYSTEM_PROMPT
