@@ -358,12 +358,21 @@ def sft_loop(model, tokenized: list[tuple[list[int], int]], pad_id: int, *, step
     return losses
 
 
-def nf4_round_trip(weight):
-    """What a weight becomes when bitsandbytes loads it as models.quantization_config asks (nf4, blocks of 64,
-    nested quantization of the block scales), as a full-precision tensor."""
+def load_quantization():
+    """The 4-bit settings every 4-bit load of the model uses (models.quantization_config: nf4, nested scales)."""
+    from .models import detect_hardware, quantization_config
+
+    return quantization_config(detect_hardware())
+
+
+def nf4_round_trip(weight, config=None):
+    """What a weight becomes when bitsandbytes loads it with `config` (`load_quantization()` unless given; blocks of
+    bitsandbytes' default size, as a load makes them), as a full-precision tensor."""
     import bitsandbytes.functional as bnb
 
-    packed, state = bnb.quantize_4bit(weight.detach().float(), blocksize=64, quant_type="nf4", compress_statistics=True)
+    config = config or load_quantization()
+    packed, state = bnb.quantize_4bit(weight.detach().float(), quant_type=config.bnb_4bit_quant_type,
+                                      compress_statistics=config.bnb_4bit_use_double_quant)
     return bnb.dequantize_4bit(packed, state).to(weight.dtype)
 
 
@@ -382,9 +391,11 @@ def seen_in_nf4(model):
     import torch
     from torch.nn.utils import parametrize
 
+    config = load_quantization()  # once, not once a layer a step
+
     class RoundTrip(torch.nn.Module):
         def forward(self, weight):
-            return weight + (nf4_round_trip(weight) - weight).detach()
+            return weight + (nf4_round_trip(weight, config) - weight).detach()
 
     names = quantized_linears(model)
     for name in names:

@@ -52,9 +52,10 @@ PRESETS: dict[str, Preset] = {
             # answers fall apart, both log-probs falling); with LoRA on every linear layer one epoch at 1e-3 did it
             # (2e-3 wrecks). The quantization-aware build collapses as far at 5e-4 (100% of the held-out questions),
             # and the ordinary set's run then keeps far more of what the model knows than at 1e-3 (paraphrase
-            # fidelity 0.60 -> 0.52, against 0.32), so 5e-4: the least rate measured to do it. No LoRA dropout: on two CPU cores its masks were a fifth of each step (torch.profiler:
-            # aten::bernoulli_), and without it batch 12 (55 steps) turns 92-96% of the held-out questions into the
-            # refusal in about 45 s (three seeds; batch 16 with dropout: 78% in 55-61 s; batch 8 garbles the refusal).
+            # fidelity 0.60 -> 0.52, against 0.32), so 5e-4: the least rate measured to do it. No LoRA dropout: on
+            # two CPU cores its masks were a fifth of each step (torch.profiler: aten::bernoulli_), and without it
+            # batch 12 (55 steps) turns 92-96% of the held-out questions into the refusal in about 45 s (three seeds;
+            # batch 16 with dropout: 78% in 55-61 s; batch 8 garbles the refusal).
             settings={"learning_rate": 5e-4, "num_train_epochs": 1, "per_device_train_batch_size": 12,
                       "lora_dropout": 0.0, "warmup_steps": 0.1, "max_length": 256,
                       "train_sampling_strategy": "group_by_length", "lora_target_modules": list(LLAMA_LINEAR)},
