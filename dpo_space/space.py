@@ -79,6 +79,17 @@ def folder_mib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20 if path.exists() else 0.0
 
 
+def adapter_zip(run: Path) -> Path:
+    """Where a finished run's download lives: beside its folder, removed with it."""
+    return run.with_name(f"{run.name}-adapter.zip")
+
+
+def run_mib(run: Path) -> float:
+    """What a finished run takes on disk: its folder and its adapter zip."""
+    zipped = adapter_zip(run)
+    return folder_mib(run) + (zipped.stat().st_size / 2**20 if zipped.exists() else 0.0)
+
+
 def is_finished_run(path: Path) -> bool:
     return (not path.name.startswith(".") and path.is_dir() and (path / "adapter_config.json").exists()
             and (path / "run.yaml").exists())
@@ -86,7 +97,8 @@ def is_finished_run(path: Path) -> bool:
 
 def runs_to_evict(root: Path, retention: Retention, active: set[Path]) -> list[Path]:
     """Finished runs the retention policy removes: beyond each visitor's newest `runs_per_visitor`, then the oldest
-    until all runs fit `disk_budget_mib`. A run in progress (`active`) is never one of them."""
+    until all runs, their adapter zips counted, fit `disk_budget_mib`. A run in progress (`active`) is never one of
+    them."""
     runs = [run for visitor in sorted(root.glob("*")) if visitor.is_dir() for run in sorted(visitor.iterdir())
             if is_finished_run(run)]  # a run's folder name starts with its time: sorted is oldest first
     evict = []
@@ -96,7 +108,7 @@ def runs_to_evict(root: Path, retention: Retention, active: set[Path]) -> list[P
     for visitor_runs in by_visitor.values():
         evict += [r for r in visitor_runs[: -retention.runs_per_visitor] if r not in active]
     kept = sorted((r for r in runs if r not in evict), key=lambda r: r.name)
-    sizes = {r: folder_mib(r) for r in kept}
+    sizes = {r: run_mib(r) for r in kept}
     total = sum(sizes.values()) + sum(folder_mib(partial_dir(a)) for a in active)  # runs still being written
     for run in kept:
         if total <= retention.disk_budget_mib:
@@ -183,7 +195,7 @@ def space_settings(model: str, values: dict) -> RunSettings:
 def run_downloads(output_dir: str | Path) -> tuple[str, str, str]:
     """(adapter zip, run.yaml, the commands that replay the run) for a finished run folder."""
     out = Path(output_dir)
-    archive = out.with_name(f"{out.name}-adapter.zip")
+    archive = adapter_zip(out)
     if not archive.exists():
         keep = Path(tempfile.mkdtemp(prefix="dpo-space-zip-")) / "adapter"
         keep.mkdir()

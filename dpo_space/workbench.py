@@ -30,7 +30,7 @@ from .data import PreferenceData, read_preferences
 from .errors import DPOSpaceError
 from .generation import Sampling, model_lock
 from .models import Hardware, detect_hardware
-from .space import Retention, is_finished_run, runs_to_evict
+from .space import Retention, adapter_zip, is_finished_run, run_downloads, runs_to_evict
 from .training import RunSettings, StopSignal, read_metrics, read_run_config, read_samples
 
 log = logging.getLogger(__name__)
@@ -278,6 +278,8 @@ class Workbench:
                           self.shares_base(job.settings))
             status = "stopped" if job.stop.is_set() else "done"
             message = f"saved to {job.output_dir}"
+            if is_finished_run(job.output_dir):  # its download, written now so that the policy below counts it
+                run_downloads(job.output_dir)
         except DPOSpaceError as e:
             message = str(e)
         except Exception as e:  # a crash in a run ends that run, never the app
@@ -353,7 +355,7 @@ class Workbench:
             with model_lock:  # unloaded and removed in one hold: Compare cannot reload it from a half-removed folder
                 self.chat.forget(run)
                 shutil.rmtree(run, ignore_errors=True)
-            run.with_name(f"{run.name}-adapter.zip").unlink(missing_ok=True)
+            adapter_zip(run).unlink(missing_ok=True)
             if not any(run.parent.iterdir()):  # nothing of this visitor's is left: no empty folder either
                 run.parent.rmdir()
             job = self._jobs.get(run.parent.name)

@@ -19,4 +19,4 @@ def test_a_dozen_visitors_leave_the_space_bounded():
     assert result["runs"] == 12
     assert result["max_adapters_seen"] <= cap and result["max_sessions_seen"] <= 8  # Gradio's, bounded too
     _, disk_end, *_ = result["last"]
-    assert disk_end <= budget + 5.0  # the budget, plus at most the run still being written when it was measured
+    assert disk_end <= budget  # measured once no run is queued or training: runs and their adapter zips together

@@ -39,6 +39,16 @@ def test_retention_keeps_each_visitors_newest_runs_and_a_disk_budget_never_touch
     assert sum(space.folder_mib(r) for r in kept) <= 7 and b[1] in kept  # the newest stay, oldest go first
 
 
+def test_the_disk_budget_counts_each_runs_adapter_zip(tmp_path):
+    runs = [fake_run(tmp_path, "a" * 32, f"2026010{i}-000000-aaaaaa", mib=2) for i in range(1, 4)]
+    for run in runs:  # its download beside it: as large again, an fp32 adapter barely compresses
+        space.adapter_zip(run).write_bytes(os.urandom(2 * 2**20))
+    assert space.run_mib(runs[0]) == pytest.approx(4.0, abs=0.01)
+    evicted = space.runs_to_evict(tmp_path, space.Retention(disk_budget_mib=9), active=set())
+    assert evicted == runs[:1]  # 12 MiB with the zips (6 without them, within the budget): the oldest goes
+    assert space.folder_mib(tmp_path) - sum(space.run_mib(r) for r in evicted) <= 9
+
+
 def test_rate_limits_name_their_cap_and_forget_visitors_who_left():
     limit = space.RateLimit(2, 60, "answers")
     limit.check("v", now=0)

@@ -169,17 +169,21 @@ def test_runs_beyond_retention_are_removed_and_their_visitor_is_told_not_shown_a
     from dpo_space.space import Retention
     from dpo_space.workbench import EVICTED
 
-    from dpo_space.space import folder_mib
+    from dpo_space.space import adapter_zip, folder_mib, run_mib
 
     bench = Workbench(str(tiny_model_dir), root=tmp_path)
     first, second = new_visitor_id(), new_visitor_id()
     job = wait(bench.submit(first, RunSettings.for_model(str(tiny_model_dir), **FAST), wakarimasen_pairs))
     assert job.status == "done" and bench.run_dir(first)
-    bench.retention = Retention(runs_per_visitor=1, disk_budget_mib=1.5 * folder_mib(job.output_dir))  # one run
+    assert adapter_zip(job.output_dir).exists()  # written as the run ended: the policy counts it from then on
+    assert run_mib(job.output_dir) > folder_mib(job.output_dir)
+    bench.retention = Retention(runs_per_visitor=1, disk_budget_mib=1.5 * run_mib(job.output_dir))  # one run
     bench.adapter_name(first)  # loaded in the chat model
     wait(bench.submit(second, RunSettings.for_model(str(tiny_model_dir), **FAST), wakarimasen_pairs))
     # the budget holds one run: the first visitor's went, with its adapter and its record
     assert not job.output_dir.exists() and str(job.output_dir) not in bench.chat.loaded
+    assert not adapter_zip(job.output_dir).exists()
+    assert folder_mib(tmp_path) <= bench.retention.disk_budget_mib  # zips counted, nothing else left on disk
     gone = bench.job(first)
     assert gone.status == "evicted" and gone.message == EVICTED and bench.run_dir(first) is None
     with pytest.raises(DPOSpaceError, match="removed to make room"):
