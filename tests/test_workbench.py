@@ -301,8 +301,9 @@ time.sleep(120)
 """
     proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-3000:]
-    runs = sorted((tmp_path / visitor).glob("[!.]*"))
+    runs = sorted(p for p in (tmp_path / visitor).glob("[!.]*") if p.is_dir())
     assert len(runs) == 1 and list((tmp_path / visitor).glob(".*.partial"))
+    assert sorted(p.name for p in (tmp_path / visitor).glob("[!.]*") if p.is_file()) == [f"{runs[0].name}-adapter.zip"]
 
     bench = Workbench(str(tiny_model_dir), root=tmp_path)  # the restarted app
     job = bench.job(visitor)
