@@ -279,7 +279,10 @@ class Workbench:
             status = "stopped" if job.stop.is_set() else "done"
             message = f"saved to {job.output_dir}"
             if is_finished_run(job.output_dir):  # its download, written now so that the policy below counts it
-                run_downloads(job.output_dir)
+                try:
+                    run_downloads(job.output_dir)
+                except OSError as e:  # the run is saved all the same; the Train tab tries the zip again
+                    log.warning("could not zip %s: %s", job.output_dir, e)
         except DPOSpaceError as e:
             message = str(e)
         except Exception as e:  # a crash in a run ends that run, never the app

@@ -192,6 +192,20 @@ def test_runs_beyond_retention_are_removed_and_their_visitor_is_told_not_shown_a
     assert not (tmp_path / first).exists()  # no empty folder left behind
 
 
+def test_a_run_whose_zip_cannot_be_written_is_still_done(tiny_model_dir, wakarimasen_pairs, tmp_path, monkeypatch):
+    from dpo_space import workbench
+
+    def disk_full(output_dir):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(workbench, "run_downloads", disk_full)
+    bench = Workbench(str(tiny_model_dir), root=tmp_path)
+    visitor = new_visitor_id()
+    job = wait(bench.submit(visitor, RunSettings.for_model(str(tiny_model_dir), **FAST), wakarimasen_pairs))
+    assert job.status == "done" and job.message == f"saved to {job.output_dir}"  # not the zip's error
+    assert bench.run_dir(visitor) == str(job.output_dir)  # saved, and it answers
+
+
 def test_the_training_line_is_bounded(tiny_model_dir, wakarimasen_pairs, tmp_path, monkeypatch):
     import threading
 
