@@ -192,24 +192,29 @@ def space_settings(model: str, values: dict) -> RunSettings:
     return RunSettings.for_model(model, **{**values, "trust_remote_code": False})
 
 
-def run_downloads(output_dir: str | Path) -> tuple[str, str, str]:
-    """(adapter zip, run.yaml, the commands that replay the run) for a finished run folder."""
+def run_downloads(output_dir: str | Path) -> tuple[str | None, str | None, str]:
+    """(adapter zip, run.yaml, the commands that replay the run) for a finished run folder; for one removed meanwhile
+    (retention), (None, None, commands), and no zip is left behind for a run that is not there."""
     out = Path(output_dir)
     archive = adapter_zip(out)
-    if not archive.exists():
+    if not archive.exists() and is_finished_run(out):
         keep = Path(tempfile.mkdtemp(prefix="dpo-space-zip-")) / "adapter"
         keep.mkdir()
         for name in RUN_FILES:
             if (out / name).exists():
                 shutil.copy2(out / name, keep / name)
-        shutil.make_archive(str(archive.with_suffix("")), "zip", keep)
+        # written under a hidden name beside it, then renamed: a zip is there whole or not at all
+        built = shutil.make_archive(str(out.with_name(f".{archive.stem}")), "zip", keep)
+        os.replace(built, archive)
         shutil.rmtree(keep.parent, ignore_errors=True)
-    command = ("# unzip the adapter, then, on your own machine:\npip install -r requirements.txt\n"
+    command = (f"# on your own machine, in a clone of this Space:\nunzip {archive.name} -d adapter\n"
+               "pip install -r requirements.txt\n"
                "python -m dpo_space train --config adapter/run.yaml --output outputs/replay\n"
                "# or with TRL's own script, from the adapter folder (on a GPU: add --use_cpu false and the\n"
                "# precision you want, --bf16 true or --fp16 true; run.yaml records what ran here):\n"
                "cd adapter && trl dpo --config run.yaml --output_dir replay")
-    return str(archive), str(out / "run.yaml"), command
+    return (str(archive) if archive.exists() else None, str(out / "run.yaml") if (out / "run.yaml").exists() else None,
+            command)
 
 
 def push_adapter(output_dir: str | Path, token: str, repo_id: str, api_factory=None) -> str:

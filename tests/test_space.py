@@ -49,6 +49,22 @@ def test_the_disk_budget_counts_each_runs_adapter_zip(tmp_path):
     assert space.folder_mib(tmp_path) - sum(space.run_mib(r) for r in evicted) <= 9
 
 
+def test_downloads_of_a_run_removed_meanwhile_leave_nothing_behind(tmp_path):
+    import shutil
+    import zipfile
+
+    run = fake_run(tmp_path, "a" * 32, "20260101-000000-aaaaaa")
+    archive, yaml_file, command = space.run_downloads(run)
+    assert archive == str(space.adapter_zip(run)) and yaml_file == str(run / "run.yaml")
+    assert f"unzip {run.name}-adapter.zip -d adapter\n" in command and "--config adapter/run.yaml" in command
+    assert "run.yaml" in zipfile.ZipFile(archive).namelist()  # at the zip's top: `-d adapter` makes the folder
+    assert sorted(p.name for p in run.parent.iterdir()) == [run.name, f"{run.name}-adapter.zip"]  # no temporary left
+    space.adapter_zip(run).unlink()
+    shutil.rmtree(run)  # retention removed it between the page's check and this call
+    assert space.run_downloads(run)[:2] == (None, None)
+    assert not list(run.parent.iterdir())  # no zip of nothing beside a run that is not there
+
+
 def test_rate_limits_name_their_cap_and_forget_visitors_who_left():
     limit = space.RateLimit(2, 60, "answers")
     limit.check("v", now=0)
