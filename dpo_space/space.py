@@ -198,15 +198,12 @@ def run_downloads(output_dir: str | Path) -> tuple[str | None, str | None, str]:
     out = Path(output_dir)
     archive = adapter_zip(out)
     if not archive.exists() and is_finished_run(out):
-        keep = Path(tempfile.mkdtemp(prefix="dpo-space-zip-")) / "adapter"
-        keep.mkdir()
-        for name in RUN_FILES:
-            if (out / name).exists():
-                shutil.copy2(out / name, keep / name)
-        # written under a hidden name beside it, then renamed: a zip is there whole or not at all
-        built = shutil.make_archive(str(out.with_name(f".{archive.stem}")), "zip", keep)
-        os.replace(built, archive)
-        shutil.rmtree(keep.parent, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix="dpo-space-zip-") as keep:  # removed even if zipping fails
+            for name in RUN_FILES:
+                if (out / name).exists():
+                    shutil.copy2(out / name, Path(keep) / name)
+            # written under a hidden name beside it, then renamed: a zip is there whole or not at all
+            os.replace(shutil.make_archive(str(out.with_name(f".{archive.stem}")), "zip", keep), archive)
     command = (f"# on your own machine, in a clone of this Space:\nunzip {archive.name} -d adapter\n"
                "pip install -r requirements.txt\n"
                "python -m dpo_space train --config adapter/run.yaml --output outputs/replay\n"

@@ -166,10 +166,8 @@ def test_the_chat_model_holds_at_most_max_adapters_and_reloads_an_unloaded_one(t
 
 def test_runs_beyond_retention_are_removed_and_their_visitor_is_told_not_shown_an_error(tiny_model_dir,
                                                                                          wakarimasen_pairs, tmp_path):
-    from dpo_space.space import Retention
+    from dpo_space.space import Retention, adapter_zip, folder_mib, run_mib
     from dpo_space.workbench import EVICTED
-
-    from dpo_space.space import adapter_zip, folder_mib, run_mib
 
     bench = Workbench(str(tiny_model_dir), root=tmp_path)
     first, second = new_visitor_id(), new_visitor_id()
