@@ -93,6 +93,7 @@ RECIPE_LABELS = {
     "remedies": "崩壊の対策: β↑ + SFT 項 / remedies: higher β + SFT term",
     "ipo": "崩壊の対策: IPO / remedies: IPO",
     "gentle": "穏やかに (β 0.5, 1 エポック) / gentle",
+    "chi2": "χ² 正則化 (f-DPO α 2, 学習率 ×3) / χ² regulariser",
 }
 LOSSES = {"sigmoid (DPO)": ["sigmoid"], "ipo": ["ipo"], "hinge": ["hinge"], "robust": ["robust"],
           "sigmoid + sft": ["sigmoid", "sft"]}
@@ -109,7 +110,8 @@ CHART_HELP = {
 # TRL gets (tests/test_ui.py checks that each one changes DPOConfig, LoraConfig, BitsAndBytesConfig or the rows).
 UP_FRONT = ("beta", "lora_r", "num_train_epochs")
 ADVANCED = ("lora_alpha", "lora_dropout", "lora_target_modules", "learning_rate", "per_device_train_batch_size",
-            "gradient_accumulation_steps", "max_length", "warmup_steps", "loss_type", "loss_weights", "seed",
+            "gradient_accumulation_steps", "max_length", "warmup_steps", "loss_type", "loss_weights",
+            "f_divergence_type", "f_alpha_divergence_coef", "seed",
             "load_in_4bit", "bnb_4bit_quant_type", "use_bnb_nested_quant", "gradient_checkpointing", "precision",
             "system_prompt", "report_to")
 SETTINGS = UP_FRONT + ADVANCED
@@ -131,6 +133,11 @@ def setting_widget(name: str, value, epochs_cap: float = 10):
         return gr.Dropdown(list(LOSSES), value=value, label=name)
     if name == "loss_weights":  # shown only for the two-term loss, the one it weighs
         return gr.Number(value, label="SFT weight (loss_weights)", visible=False)
+    if name == "f_divergence_type":
+        return gr.Dropdown(list(training.F_DIVERGENCES), value=value, label=name,
+                           info="reverse_kl: DPO's own; alpha_divergence with α 2: χ², see Learn")
+    if name == "f_alpha_divergence_coef":  # shown only for the divergence it sets
+        return gr.Number(value, label="α (f_alpha_divergence_coef)", visible=False)
     if name == "precision":
         return gr.Dropdown(list(training.PRECISIONS), value=value, label=name)
     if name == "bnb_4bit_quant_type":
@@ -178,6 +185,8 @@ def recipe_values(model: str, recipe: str) -> list:
     values = widget_values(settings)
     weight = SETTINGS.index("loss_weights")
     values[weight] = gr.update(value=values[weight], visible=len(settings.loss_type) == 2)
+    alpha = SETTINGS.index("f_alpha_divergence_coef")
+    values[alpha] = gr.update(value=values[alpha], visible=settings.f_divergence_type == "alpha_divergence")
     return values
 
 
@@ -549,6 +558,10 @@ def run_label(settings: training.RunSettings, run_id: str) -> str:
     """A run as a visitor tells their runs apart: when it started, and the settings recipes change."""
     when = f"{run_id[9:11]}:{run_id[11:13]}:{run_id[13:15]}" if len(run_id) >= 15 else run_id
     loss = "+".join(settings.loss_type)
+    if settings.f_divergence_type == "alpha_divergence":
+        loss += f" · α-div {settings.f_alpha_divergence_coef:g}"
+    elif settings.f_divergence_type != "reverse_kl":
+        loss += f" · {settings.f_divergence_type}"
     return (f"{when} · β {settings.beta:g} · {settings.num_train_epochs:g} ep · {loss} · lr {settings.learning_rate:g}"
             f" · r {settings.lora_r}")
 
@@ -1012,6 +1025,9 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
         gr.on([recipe.change, model.change], recipe_values, [model, recipe], settings_widgets, api_name=False)
         widgets["loss_type"].change(lambda loss: gr.update(visible=len(LOSSES[loss]) == 2), widgets["loss_type"],
                                     widgets["loss_weights"], api_name=False)
+        widgets["f_divergence_type"].change(lambda kind: gr.update(visible=kind == "alpha_divergence"),
+                                            widgets["f_divergence_type"], widgets["f_alpha_divergence_coef"],
+                                            api_name=False)
         estimate_memory = shown(lambda model_key, *values: memory_check(
             bench.hardware, model_key, training.RunSettings.for_model(model_key, **settings_values(values)))[0])
         gr.on([app.load, model.change, *(w.change for w in settings_widgets)], estimate_memory,

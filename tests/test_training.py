@@ -128,6 +128,12 @@ def test_bad_settings_are_named_before_loading():
         RunSettings(loss_type=["sigmoid", "sft"], loss_weights=[1.0]).check()
     with pytest.raises(DPOSpaceError, match="report_to: one of none, trackio"):
         RunSettings(report_to="mlflow-typo").check()
+    with pytest.raises(DPOSpaceError, match="f_divergence_type must be one of reverse_kl, .*got 'chi2'"):
+        RunSettings(f_divergence_type="chi2").check()
+    with pytest.raises(DPOSpaceError, match="f_divergence_type alpha_divergence works with the loss types .*apo_zero"):
+        RunSettings(f_divergence_type="alpha_divergence", loss_type=["apo_zero"]).check()
+    with pytest.raises(DPOSpaceError, match="f_alpha_divergence_coef must be > 0, got 0"):
+        RunSettings(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0).check()
 
 
 def test_a_tracker_that_is_not_installed_is_refused_by_name(monkeypatch):
@@ -265,7 +271,7 @@ def test_trls_own_cli_replays_run_yaml(tiny_model_dir, wakarimasen_pairs, tmp_pa
     import sys
 
     s = settings_for(tiny_model_dir, tmp_path / "run", train_sampling_strategy="group_by_length", max_steps=2,
-                     per_device_train_batch_size=8)
+                     per_device_train_batch_size=8, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=2.0)
     run = train(s, wakarimasen_pairs).output_dir
     trl = Path(sys.executable).with_name("trl")
     done = subprocess.run([str(trl), "dpo", "--config", "run.yaml", "--output_dir", str(tmp_path / "replay")],
@@ -274,6 +280,22 @@ def test_trls_own_cli_replays_run_yaml(tiny_model_dir, wakarimasen_pairs, tmp_pa
     assert (tmp_path / "replay" / "adapter_model.safetensors").exists()
     losses = [float(x) for x in __import__("re").findall(r"'loss': '([0-9.]+)'", done.stdout + done.stderr)]
     assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), abs=1e-3)
+
+
+def test_the_chi2_regulariser_pushes_the_rejected_answers_down_less(tiny_model_dir, wakarimasen_pairs, tmp_path):
+    """f-DPO with α 2 (χ²) reaches TRL's loss and run.yaml: from the same start, the rejected answers' log-ratio falls
+    less than under DPO's reverse KL (their score is bounded below), which is why the chi2 recipe exists."""
+    def rejected_reward(**divergence):
+        s = settings_for(tiny_model_dir, tmp_path / divergence.get("f_divergence_type", "reverse_kl"),
+                         load_in_4bit=False, max_steps=6, learning_rate=2e-2, **divergence)
+        result = train(s, wakarimasen_pairs)
+        return result.metrics[-1]["rewards/rejected"], RunSettings.from_dict(
+            read_run_config(result.output_dir / "run.yaml")[0])
+
+    reverse_kl, _ = rejected_reward()
+    chi2, replay = rejected_reward(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=2.0)
+    assert reverse_kl < 0 and chi2 > reverse_kl + 0.1, (reverse_kl, chi2)  # measured: -0.21 and +0.02
+    assert (replay.f_divergence_type, replay.f_alpha_divergence_coef) == ("alpha_divergence", 2.0)
 
 
 def test_likelihood_displacement_warns_only_past_the_set_drop():
@@ -331,3 +353,9 @@ def test_a_recipe_overrides_a_few_fields_of_each_models_preset():
     assert RunSettings.for_model(models.EMBEDDED).learning_rate == 5e-4
     assert RunSettings.for_recipe(models.EMBEDDED, "seed") == RunSettings.for_model(models.EMBEDDED)
     assert RunSettings.for_recipe(models.EMBEDDED, "gentle", learning_rate=1e-4).learning_rate == 1e-4
+    # the chi2 recipe scales each model's own rate (the χ² regulariser moves a model less per step)
+    for model in (models.EMBEDDED, "elyza-8b"):
+        chi2 = RunSettings.for_recipe(model, "chi2")
+        assert (chi2.f_divergence_type, chi2.f_alpha_divergence_coef) == ("alpha_divergence", 2.0)
+        assert chi2.learning_rate == pytest.approx(3 * RunSettings.for_model(model).learning_rate)
+    assert RunSettings.for_recipe(models.EMBEDDED, "chi2", learning_rate=1e-4).learning_rate == 1e-4

@@ -47,8 +47,9 @@ def new_visitor(client) -> str:
 SETTING_VALUES = dict(beta=0.1, lora_r=8, num_train_epochs=1, lora_alpha=8, lora_dropout=0.0,
                       lora_target_modules=["q_proj", "v_proj"], learning_rate=5e-4, per_device_train_batch_size=8,
                       gradient_accumulation_steps=1, max_length=256, warmup_steps=0, loss_type="sigmoid (DPO)",
-                      loss_weights=1.0, seed=0, load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                      use_bnb_nested_quant=True, gradient_checkpointing=False, precision="auto",
+                      loss_weights=1.0, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, seed=0,
+                      load_in_4bit=True, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True,
+                      gradient_checkpointing=False, precision="auto",
                       system_prompt="あなたは日本語チャットbotです。ユーザの質問答えてください。", report_to="none")
 assert list(SETTING_VALUES) == list(__import__("dpo_space.ui").ui.SETTINGS)
 TRAIN_ARGS = dict(model=models.EMBEDDED, max_pairs=32, probe="人はどんなことをしてもらうと嬉しいですか?",
@@ -412,7 +413,8 @@ def test_each_setting_shown_in_the_ui_reaches_trl():
     other = dict(beta=0.3, lora_r=4, num_train_epochs=3, lora_alpha=4, lora_dropout=0.05,
                  lora_target_modules=["q_proj", "k_proj"], learning_rate=1e-4, per_device_train_batch_size=2,
                  gradient_accumulation_steps=3, max_length=512, warmup_steps=0.2, loss_type="ipo", loss_weights=0.5,
-                 seed=7, load_in_4bit=False, bnb_4bit_quant_type="fp4", use_bnb_nested_quant=False,
+                 f_divergence_type="alpha_divergence", f_alpha_divergence_coef=2.0, seed=7, load_in_4bit=False,
+                 bnb_4bit_quant_type="fp4", use_bnb_nested_quant=False,
                  gradient_checkpointing=True, precision="bf16", system_prompt="別の指示", report_to="trackio")
     assert set(other) == set(ui.SETTINGS)
     hardware = models.Hardware("cpu", "CPU", "fp32")
@@ -644,3 +646,14 @@ def test_the_server_keeps_at_most_its_session_cap_of_gradio_sessions(tmp_path, m
         assert json.loads(gradio_client.Client(url, verbose=False).predict(api_name="/health"))["sessions"] <= 3
     finally:
         app.close()
+
+
+def test_a_runs_label_names_the_divergence_a_recipe_changed():
+    """Two runs that differ only in the regulariser (the seed's recipe and the χ² one) read differently in the run
+    pickers; DPO's own reverse KL is not spelled out."""
+    from dpo_space import training, ui
+
+    plain = ui.run_label(training.RunSettings.for_recipe(models.EMBEDDED, "seed"), "20261129-134501-abcdef")
+    chi2 = ui.run_label(training.RunSettings.for_recipe(models.EMBEDDED, "chi2"), "20261129-134501-abcdef")
+    assert plain.startswith("13:45:01 · β 0.1") and "div" not in plain and "lr 0.0005" in plain
+    assert "sigmoid · α-div 2 · lr 0.0015" in chi2
