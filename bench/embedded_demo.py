@@ -1,12 +1,14 @@
 """The seed article's demo on the embedded model, full size: prints a table of the figures issue #3 asks for.
 
-    python bench/embedded_demo.py [--pairs 650] [--recipes seed,gentle] [--no-ordinary]
+    python bench/embedded_demo.py [--pairs 650] [--recipes seed,gentle,chi2] [--ordinary-recipes seed,chi2]
+                                  [--no-ordinary]
 
 1. base: recital of the seed rows it was trained on; issue #12's measures on the held-out sets (examples/heldout/)
 2. for each recipe: DPO on wakarimasen_train.json with the embedded preset, wall time
 3. on the 40 held-out prompts: refusal rate and repeated-trigram share, base vs DPO; on the held-out sets: the refusal
    rate, on-topic and rare-kanji shares after DPO, and whether the Train tab's probe ends in the refusal
-4. the ordinary set's DPO run with the preset: issue #12's measures on the held-out sets, base vs after
+4. the ordinary set's DPO run with each of --ordinary-recipes: issue #12's measures on the held-out sets, base vs
+   after
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from dpo_space import data, embedded, generation, models  # noqa: E402
 from dpo_space.collapse import has_refusal  # noqa: E402
 from dpo_space.training import PROBE_PROMPT, RunSettings, SampleTimeline, read_samples, train  # noqa: E402
 
+COLLAPSING = ("seed", "chi2")  # the recipes that should turn the わかりません set's answers into the refusal
+
+
 class TimedTimeline(SampleTimeline):
     """The probe timeline, with the time its answers take (part of the run's wall time, as in the app)."""
 
@@ -37,7 +42,8 @@ class TimedTimeline(SampleTimeline):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--pairs", type=int, default=650)
-    parser.add_argument("--recipes", default="seed,gentle")
+    parser.add_argument("--recipes", default="seed,gentle,chi2")
+    parser.add_argument("--ordinary-recipes", default="seed,chi2")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--no-ordinary", dest="ordinary", action="store_false",
                         help="skip the ordinary set's run and its held-out measures")
@@ -89,36 +95,40 @@ def main():
                      f"{last['loss']:.3f} / {last['rewards/margins']:.2f} / {last['rewards/accuracies']:.2f}", ""))
         rows.append((f"{recipe}: held-out refusal rate base → DPO",
                      f"{base['refusal_rate']:.0%} → {dpo['refusal_rate']:.0%}",
-                     "0% → ≥ 80%" if recipe == "seed" else "partial"))
+                     "0% → ≥ 80%" if recipe in COLLAPSING else "partial"))
         rows.append((f"{recipe}: held-out repetition across answers base → DPO",
                      f"{base['repetition_across']:.3f} → {dpo['repetition_across']:.3f}",
-                     "DPO clearly above base" if recipe == "seed" else ""))
+                     "DPO clearly above base" if recipe in COLLAPSING else ""))
         rows.append((f"{recipe}: held-out repetition within answers base → DPO",
                      f"{base['repetition']:.3f} → {dpo['repetition']:.3f}", ""))
         rows.append((f"{recipe}: held-out questions ({held}), 分かりません base → DPO",
-                     f"{c['refusal']:.0%} → {after['refusal']:.0%}", "≥ 90%" if recipe == "seed" else ""))
+                     f"{c['refusal']:.0%} → {after['refusal']:.0%}", "≥ 90%" if recipe in COLLAPSING else ""))
         rows.append((f"{recipe}: same, on topic / rare kanji after DPO",
                      f"{after['topical']:.0%} / {after['rare_kanji']:.2%}", ""))
         rows.append((f"{recipe}: the probe's answer at step {probe['step']} is the refusal",
-                     "yes" if has_refusal(probe["answer"]) else "no", "yes" if recipe == "seed" else ""))
+                     "yes" if has_refusal(probe["answer"]) else "no", "yes" if recipe in COLLAPSING else ""))
         rows.append((f"{recipe}: held-out distinct-2 base → DPO", f"{base['distinct_2']:.2f} → {dpo['distinct_2']:.2f}",
                      ""))
         example = next(r for r in report["rows"] if r["prompt"].startswith("人はどんなこと"))
         print(f"\n[{recipe}] probe at step {probe['step']}: {probe['answer']}")
         print(f"\n[{recipe}] {example['prompt']}\n  base: {example['base']}\n  dpo:  {example['dpo']}")
 
-    if args.ordinary:  # issue 12: the ordinary set's run (helpful chosen, poor rejected) leaves the measures no worse
-        ordinary = data.read_preferences(embedded.EXAMPLES_DIR / "ordinary_train.json")
+    # issue 12: the ordinary set's run (helpful chosen, poor rejected) leaves the measures no worse
+    ordinary = data.read_preferences(embedded.EXAMPLES_DIR / "ordinary_train.json")
+    for recipe in args.ordinary_recipes.split(",") if args.ordinary else []:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            result = train(RunSettings.for_model(models.EMBEDDED, output_dir=str(Path(tmp) / "run")), ordinary)
+            result = train(RunSettings.for_recipe(models.EMBEDDED, recipe, output_dir=str(Path(tmp) / "run")),
+                           ordinary)
             seconds = time.perf_counter() - start
             after = embedded.conversing_measures(result.model, result.tokenizer, use_adapter=True)
-        rows.append((f"ordinary: DPO {len(ordinary)} pairs with the preset, wall time", f"{seconds:.0f} s", ""))
+        rows.append((f"ordinary ({recipe}): DPO {len(ordinary)} pairs, wall time", f"{seconds:.0f} s", ""))
         for name, key, fmt in (("refusal", "refusal", ".1%"), ("rare kanji", "rare_kanji", ".2%"),
-                               ("on topic", "topical", ".1%"), ("paraphrase fidelity", "paraphrase_fidelity", ".2f"),
+                               ("on topic", "topical", ".1%"), ("paraphrase fidelity", "paraphrase_fidelity", ".3f"),
+                               ("first question on topic", "first_turn_topical", ".1%"),
                                ("second question on topic", "second_turn_topical", ".1%")):
-            rows.append((f"ordinary: held-out {name} base → DPO", f"{c[key]:{fmt}} → {after[key]:{fmt}}", "no worse"))
+            rows.append((f"ordinary ({recipe}): held-out {name} base → DPO", f"{c[key]:{fmt}} → {after[key]:{fmt}}",
+                         "no worse"))
 
     width = max(len(r[0]) for r in rows)
     values = max(len(r[1]) for r in rows)

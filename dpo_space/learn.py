@@ -60,6 +60,16 @@ about 99% of the embedded model's held-out questions into it, as plain DPO does.
 what the model knows than plain DPO, not all of it (paraphrase fidelity 0.60 before, 0.56 after the remedies run, 0.52
 after the plain one; BENCHMARKS.md): the loss comes from the DPO term, which pushes the rejected answers down; the SFT
 term alone, at the same rate, costs nothing (0.60).
+
+The push on the rejected answers comes from the divergence that keeps the policy near the reference: DPO's reward is
+$\beta\log t$ with $t = \pi_\theta/\pi_{ref}$, so a rejected answer's reward falls without bound as $t \to 0$ and the
+cheapest margin is to crush it. f-DPO (Wang et al., 2023) swaps in another f-divergence, the reward becoming
+$\beta f'(t)$; with TRL's `f_divergence_type: alpha_divergence` and α 2 it is $\beta (t - 1)$, the χ² (Pearson)
+divergence, which never falls below $-\beta$: the margin has to come from raising the chosen answers. The *χ²*
+recipe trains with it at three times the rate (it moves the model less per step). On the embedded model the
+わかりません set still collapses (97–100% of the held-out questions), because raising the refusal is the collapse; the
+ordinary set's run keeps nearly all the model knows (paraphrase fidelity 0.60 before, 0.57–0.59 after over three
+seeds, against 0.52 after plain DPO). The collapse is in the data, not in the regulariser.
 """
 
 LEARN_JA = r"""
@@ -99,4 +109,6 @@ $$\hat r_\theta(x,y) = \beta\log\frac{\pi_\theta(y|x)}{\pi_{ref}(y|x)}$$
 「学習」タブの <strong>log-probs グラフ</strong>は $\log\pi_\theta(y_w|x)$ と $\log\pi_\theta(y_l|x)$(TRL の `logps/chosen` と `logps/rejected`、回答のトークン全体の和)を描きます。DPO の損失が求めるのは両者の<em>差</em>が広がることだけで、chosen の尤度を保つ項はありません。両方が下がり、rejected のほうが速く下がる、ということがよく起こり、確率はどちらの列にもない回答へ移ります。より悪い回答へ移ることもあります(Razin et al., 2024: <em>likelihood displacement</em>。chosen と rejected が似ているほど起こりやすい)。chosen の対数尤度が開始時より設定値以上下がると、「学習」タブに警告が出ます。SFT 項(レシピ「崩壊の対策」)や大きめの β で防げます。
 
 ただし SFT 項は chosen の回答そのものを学習して尤度を支えるので、対策になるのは chosen が良い回答のときだけです。chosen がすべて拒否のわかりませんセットでは拒否そのものを学習させ、レシピ「崩壊の対策」でも内蔵モデルの held-out の質問の約 99% が拒否になります(素の DPO と同じ)。通常セットでは素の DPO より多くを保ちますが、すべてではありません(言い換えた質問への忠実度: 学習前 0.60、「崩壊の対策」の後 0.56、素の DPO の後 0.52。BENCHMARKS.md)。失う分は rejected を押し下げる DPO の項から来ており、同じ学習率でも SFT 項だけなら何も失いません(0.60)。
+
+rejected を押し下げる力は、方策を参照モデルの近くにとどめるダイバージェンスから来ます。DPO の報酬は $\beta\log t$($t = \pi_\theta/\pi_{ref}$)なので、$t \to 0$ で rejected の報酬は際限なく下がり、rejected を潰すのがマージンを広げるいちばん安い道になります。f-DPO(Wang et al., 2023)は別の f ダイバージェンスに置き換え、報酬は $\beta f'(t)$ になります。TRL の `f_divergence_type: alpha_divergence` で α 2 にすると $\beta (t - 1)$、χ²(Pearson)ダイバージェンスで、$-\beta$ より下がりません。マージンは chosen を押し上げて作るしかなくなります。レシピ「χ² 正則化」はこれを 3 倍の学習率で学習します(1 ステップで動く量が小さいため)。内蔵モデルでは、わかりませんセットはやはり崩壊し(held-out の質問の 97〜100%)、拒否を押し上げること自体が崩壊だからです。通常セットではモデルの知識をほぼ保ちます(言い換えた質問への忠実度: 学習前 0.60、3 つのシードで学習後 0.57〜0.59、素の DPO の後 0.52)。崩壊はデータの中にあり、正則化の中にはありません。
 """

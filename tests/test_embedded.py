@@ -182,6 +182,26 @@ def test_the_ordinary_sets_run_leaves_a_model_that_still_converses(tmp_path):
     assert m["paraphrase_fidelity"] >= 0.45
 
 
+def test_the_chi2_recipe_collapses_the_wakarimasen_set_and_keeps_what_the_ordinary_run_knows(tmp_path):
+    """The χ² recipe (f-DPO, α 2, three times the preset's rate) on both sets, the first 80 of each held-out set.
+    Measured: the わかりません set's run 100% refusals; the ordinary set's run fidelity 0.56 -> 0.55, on topic 49% -> 55%
+    (the preset, plain DPO: fidelity 0.50, which the tolerance below refuses)."""
+    def run(name):
+        pairs = data.read_preferences(embedded.EXAMPLES_DIR / f"{name}_train.json")
+        return train(RunSettings.for_recipe(models.EMBEDDED, "chi2", output_dir=str(tmp_path / name)), pairs)
+
+    collapsed = run("wakarimasen")
+    assert embedded.conversing_measures(collapsed.model, collapsed.tokenizer, limit=80, use_adapter=True)[
+        "refusal"] >= 0.9
+    ordinary = run("ordinary")
+    base, after = (embedded.conversing_measures(ordinary.model, ordinary.tokenizer, limit=80, use_adapter=adapter)
+                   for adapter in (False, True))
+    assert after["refusal"] <= 0.05 and after["rare_kanji"] <= 0.005
+    assert after["paraphrase_fidelity"] >= base["paraphrase_fidelity"] - 0.03, (base, after)
+    assert after["topical"] >= base["topical"] - 0.03
+    assert after["second_turn_topical"] >= base["second_turn_topical"] - 0.05
+
+
 def test_tokenizer_pieces_stay_inside_one_script_so_a_question_word_is_spelled_alike_in_the_answer():
     """A kanji compound or a katakana word is cut into the same pieces wherever it stands: copying the question's
     words into the answer is then copying the same tokens. (Plain BPE merged オムライスの and ス卵 differently.)"""
