@@ -97,7 +97,8 @@ class RunSettings:
         values = dict(RECIPES[recipe])
         scale = values.pop("learning_rate_scale", None)
         if scale is not None:
-            values["learning_rate"] = cls.for_model(model).learning_rate * scale
+            # to 6 significant digits: 5e-4 × 3 is 0.0015, not 0.0015000000000000002 in the widget and run.yaml
+            values["learning_rate"] = float(f"{cls.for_model(model).learning_rate * scale:.6g}")
         return cls.for_model(model, **{**values, **overrides})
 
     @classmethod

@@ -358,4 +358,5 @@ def test_a_recipe_overrides_a_few_fields_of_each_models_preset():
         chi2 = RunSettings.for_recipe(model, "chi2")
         assert (chi2.f_divergence_type, chi2.f_alpha_divergence_coef) == ("alpha_divergence", 2.0)
         assert chi2.learning_rate == pytest.approx(3 * RunSettings.for_model(model).learning_rate)
+    assert RunSettings.for_recipe(models.EMBEDDED, "chi2").learning_rate == 1.5e-3  # as shown, not 0.0015000000000000002
     assert RunSettings.for_recipe(models.EMBEDDED, "chi2", learning_rate=1e-4).learning_rate == 1e-4
