@@ -40,6 +40,7 @@ VISITOR_ID = re.compile(r"^[a-f0-9]{32}$")
 EVICTED = ("your last run was removed to make room for others (the Space keeps each visitor's newest runs for a "
            "while): train again in the Train tab")
 INTERRUPTED = "the app restarted while this run was training: start it again"
+STALE_ZIP_SECONDS = 600  # a hidden adapter zip older than this is a crash's leftover, not one being written
 
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
@@ -317,6 +318,12 @@ class Workbench:
         interrupted = partial and (not finished or partial[-1].name[1:] > finished[-1].name)
         if interrupted:
             shutil.rmtree(partial[-1], ignore_errors=True)
+        for stale in folder.glob(".*-adapter.zip"):  # half a zip (`run_downloads` writes it hidden, then renames)
+            try:  # left by a crash; one younger than that may still be being written by another thread
+                if time.time() - stale.stat().st_mtime > STALE_ZIP_SECONDS:
+                    stale.unlink()
+            except FileNotFoundError:
+                pass
         job = self._finished_job(visitor, finished[-1]) if finished else None
         if interrupted:
             job = job or Job("interrupted", visitor, RunSettings(output_dir=str(folder / partial[-1].name[1:-8])),

@@ -1,6 +1,7 @@
 """The Space's engine without Gradio: runs in line, failures that leave it usable, and restarts that lose nothing."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -64,12 +65,18 @@ training.train(settings, read_preferences({str(data_file)!r}))
     assert subprocess.run([sys.executable, "-c", child], capture_output=True).returncode == 9
     partial = killed.with_name(f".{killed.name}.partial")
     assert (partial / "adapter_model.safetensors").exists() and not killed.exists()
+    # and half an adapter zip a crash left (written hidden, then renamed), beside one another thread is writing now
+    crashed, writing = (finished.with_name(f".{finished.name}{n}-adapter.zip") for n in ("", "x"))
+    for zipped in (crashed, writing):
+        zipped.write_bytes(b"PK half")
+    os.utime(crashed, (time.time() - 3600,) * 2)
 
     bench = Workbench(str(tiny_model_dir), root=tmp_path)  # the restarted app
     job = bench.job(visitor)
     # the killed run is reported as interrupted; the finished run before it is what answers
     assert job is not None and job.output_dir == finished and job.status == "interrupted"
     assert "still answers" in job.message and not partial.exists()
+    assert not crashed.exists() and writing.exists()
     assert bench.adapter_name(visitor) and len(job.data) == len(wakarimasen_pairs)
     assert bench.job(new_visitor_id()) is None  # nothing on disk: nothing to restore
 
