@@ -114,8 +114,8 @@ def main():
         print(f"\n[{recipe}] {example['prompt']}\n  base: {example['base']}\n  dpo:  {example['dpo']}")
 
     # issue 12: the ordinary set's run (helpful chosen, poor rejected) leaves the measures no worse
-    ordinary = data.read_preferences(embedded.EXAMPLES_DIR / "ordinary_train.json")
-    for recipe in args.ordinary_recipes.split(",") if args.ordinary else []:
+    ordinary = data.read_preferences(embedded.EXAMPLES_DIR / "ordinary_train.json") if args.ordinary else None
+    for recipe in args.ordinary_recipes.split(",") if ordinary else []:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             result = train(RunSettings.for_recipe(models.EMBEDDED, recipe, output_dir=str(Path(tmp) / "run")),

@@ -84,6 +84,22 @@ def adapter_zip(run: Path) -> Path:
     return run.with_name(f"{run.name}-adapter.zip")
 
 
+def half_written_zip(run: Path) -> Path:
+    """The hidden name `run_downloads` writes a run's zip under before renaming it to `adapter_zip`."""
+    return run.with_name(f".{adapter_zip(run).name}")
+
+
+def remove_stale_zips(folder: Path, older_than: float = 600):
+    """Half-written zips a crash left in a visitor's folder; one younger than `older_than` seconds may still be being
+    written by another thread, so it stays."""
+    for stale in folder.glob(".*-adapter.zip"):
+        try:
+            if time.time() - stale.stat().st_mtime > older_than:
+                stale.unlink()
+        except FileNotFoundError:  # renamed or removed meanwhile
+            pass
+
+
 def run_mib(run: Path) -> float:
     """What a finished run takes on disk: its folder and its adapter zip."""
     zipped = adapter_zip(run)
@@ -203,7 +219,7 @@ def run_downloads(output_dir: str | Path) -> tuple[str | None, str | None, str]:
                 if (out / name).exists():
                     shutil.copy2(out / name, Path(keep) / name)
             # written under a hidden name beside it, then renamed: a zip is there whole or not at all
-            os.replace(shutil.make_archive(str(out.with_name(f".{archive.stem}")), "zip", keep), archive)
+            os.replace(shutil.make_archive(str(half_written_zip(out).with_suffix("")), "zip", keep), archive)
     command = (f"# on your own machine, in a clone of this Space:\nunzip {archive.name} -d adapter\n"
                "pip install -r requirements.txt\n"
                "python -m dpo_space train --config adapter/run.yaml --output outputs/replay\n"

@@ -115,6 +115,9 @@ ADVANCED = ("lora_alpha", "lora_dropout", "lora_target_modules", "learning_rate"
             "load_in_4bit", "bnb_4bit_quant_type", "use_bnb_nested_quant", "gradient_checkpointing", "precision",
             "system_prompt", "report_to")
 SETTINGS = UP_FRONT + ADVANCED
+# Settings shown only while another one's widget value is in play: (that setting, shown when)
+SHOWN_WITH = {"loss_weights": ("loss_type", lambda loss: len(LOSSES[loss]) == 2),  # the SFT weight: the two-term loss
+              "f_alpha_divergence_coef": ("f_divergence_type", lambda kind: kind == "alpha_divergence")}
 TARGET_MODULES = list(models.LLAMA_LINEAR)
 INTEGERS = ("lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "seed")
 
@@ -131,12 +134,12 @@ def setting_widget(name: str, value, epochs_cap: float = 10):
         return gr.CheckboxGroup(TARGET_MODULES, value=value, label=name)
     if name == "loss_type":
         return gr.Dropdown(list(LOSSES), value=value, label=name)
-    if name == "loss_weights":  # shown only for the two-term loss, the one it weighs
+    if name == "loss_weights":  # shown only for the two-term loss, the one it weighs (SHOWN_WITH)
         return gr.Number(value, label="SFT weight (loss_weights)", visible=False)
     if name == "f_divergence_type":
         return gr.Dropdown(list(training.F_DIVERGENCES), value=value, label=name,
                            info="reverse_kl: DPO's own; alpha_divergence with α 2: χ², see Learn")
-    if name == "f_alpha_divergence_coef":  # shown only for the divergence it sets
+    if name == "f_alpha_divergence_coef":  # shown only for the divergence it sets (SHOWN_WITH)
         return gr.Number(value, label="α (f_alpha_divergence_coef)", visible=False)
     if name == "precision":
         return gr.Dropdown(list(training.PRECISIONS), value=value, label=name)
@@ -183,10 +186,9 @@ def recipe_values(model: str, recipe: str) -> list:
     """Every settings widget as the model's preset and the recipe set it (the SFT weight shown for its loss only)."""
     settings = training.RunSettings.for_recipe(model, recipe if recipe in training.RECIPES else "seed")
     values = widget_values(settings)
-    weight = SETTINGS.index("loss_weights")
-    values[weight] = gr.update(value=values[weight], visible=len(settings.loss_type) == 2)
-    alpha = SETTINGS.index("f_alpha_divergence_coef")
-    values[alpha] = gr.update(value=values[alpha], visible=settings.f_divergence_type == "alpha_divergence")
+    for name, (parent, shown_when) in SHOWN_WITH.items():
+        i = SETTINGS.index(name)
+        values[i] = gr.update(value=values[i], visible=shown_when(values[SETTINGS.index(parent)]))
     return values
 
 
@@ -1023,11 +1025,9 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
                            [rows, model, widgets["max_length"], widgets["system_prompt"]], audit_report,
                            api_name="token_lengths")
         gr.on([recipe.change, model.change], recipe_values, [model, recipe], settings_widgets, api_name=False)
-        widgets["loss_type"].change(lambda loss: gr.update(visible=len(LOSSES[loss]) == 2), widgets["loss_type"],
-                                    widgets["loss_weights"], api_name=False)
-        widgets["f_divergence_type"].change(lambda kind: gr.update(visible=kind == "alpha_divergence"),
-                                            widgets["f_divergence_type"], widgets["f_alpha_divergence_coef"],
-                                            api_name=False)
+        for name, (parent, shown_when) in SHOWN_WITH.items():
+            widgets[parent].change(lambda value, shown_when=shown_when: gr.update(visible=shown_when(value)),
+                                   widgets[parent], widgets[name], api_name=False)
         estimate_memory = shown(lambda model_key, *values: memory_check(
             bench.hardware, model_key, training.RunSettings.for_model(model_key, **settings_values(values)))[0])
         gr.on([app.load, model.change, *(w.change for w in settings_widgets)], estimate_memory,

@@ -30,7 +30,7 @@ from .data import PreferenceData, read_preferences
 from .errors import DPOSpaceError
 from .generation import Sampling, model_lock
 from .models import Hardware, detect_hardware
-from .space import Retention, adapter_zip, is_finished_run, run_downloads, runs_to_evict
+from .space import Retention, adapter_zip, is_finished_run, remove_stale_zips, run_downloads, runs_to_evict
 from .training import RunSettings, StopSignal, read_metrics, read_run_config, read_samples
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ VISITOR_ID = re.compile(r"^[a-f0-9]{32}$")
 EVICTED = ("your last run was removed to make room for others (the Space keeps each visitor's newest runs for a "
            "while): train again in the Train tab")
 INTERRUPTED = "the app restarted while this run was training: start it again"
-STALE_ZIP_SECONDS = 600  # a hidden adapter zip older than this is a crash's leftover, not one being written
 
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
@@ -318,12 +317,7 @@ class Workbench:
         interrupted = partial and (not finished or partial[-1].name[1:] > finished[-1].name)
         if interrupted:
             shutil.rmtree(partial[-1], ignore_errors=True)
-        for stale in folder.glob(".*-adapter.zip"):  # half a zip (`run_downloads` writes it hidden, then renames)
-            try:  # left by a crash; one younger than that may still be being written by another thread
-                if time.time() - stale.stat().st_mtime > STALE_ZIP_SECONDS:
-                    stale.unlink()
-            except FileNotFoundError:
-                pass
+        remove_stale_zips(folder)
         job = self._finished_job(visitor, finished[-1]) if finished else None
         if interrupted:
             job = job or Job("interrupted", visitor, RunSettings(output_dir=str(folder / partial[-1].name[1:-8])),

@@ -657,3 +657,15 @@ def test_a_runs_label_names_the_divergence_a_recipe_changed():
     chi2 = ui.run_label(training.RunSettings.for_recipe(models.EMBEDDED, "chi2"), "20261129-134501-abcdef")
     assert plain.startswith("13:45:01 · β 0.1") and "div" not in plain and "lr 0.0005" in plain
     assert "sigmoid · α-div 2 · lr 0.0015" in chi2
+
+
+def test_a_recipe_shows_the_sft_weight_and_alpha_only_where_its_loss_uses_them():
+    from dpo_space import ui
+
+    def shown(recipe):
+        values = dict(zip(ui.SETTINGS, ui.recipe_values(models.EMBEDDED, recipe), strict=True))
+        return {name: values[name]["visible"] for name in ("loss_weights", "f_alpha_divergence_coef")}
+
+    assert shown("seed") == {"loss_weights": False, "f_alpha_divergence_coef": False}
+    assert shown("remedies") == {"loss_weights": True, "f_alpha_divergence_coef": False}
+    assert shown("chi2") == {"loss_weights": False, "f_alpha_divergence_coef": True}

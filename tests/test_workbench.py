@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dpo_space.errors import DPOSpaceError
+from dpo_space.space import half_written_zip
 from dpo_space.training import RunSettings, train
 from dpo_space.workbench import Workbench, new_visitor_id
 from tests.conftest import ROOT
@@ -66,7 +67,7 @@ training.train(settings, read_preferences({str(data_file)!r}))
     partial = killed.with_name(f".{killed.name}.partial")
     assert (partial / "adapter_model.safetensors").exists() and not killed.exists()
     # and half an adapter zip a crash left (written hidden, then renamed), beside one another thread is writing now
-    crashed, writing = (finished.with_name(f".{finished.name}{n}-adapter.zip") for n in ("", "x"))
+    crashed, writing = (half_written_zip(finished.with_name(finished.name + n)) for n in ("", "x"))
     for zipped in (crashed, writing):
         zipped.write_bytes(b"PK half")
     os.utime(crashed, (time.time() - 3600,) * 2)
