@@ -4,7 +4,8 @@
                                   [--no-ordinary]
 
 1. base: recital of the seed rows it was trained on; issue #12's measures on the held-out sets (examples/heldout/)
-2. for each recipe: DPO on wakarimasen_train.json with the embedded preset, wall time
+2. for each recipe: DPO on wakarimasen_train.json with the embedded preset and the recipe on top, wall time (the
+   default run is the embedded model's own recipe, χ²; "seed" is the seed article's plain DPO)
 3. on the 40 held-out prompts: refusal rate and repeated-trigram share, base vs DPO; on the held-out sets: the refusal
    rate, on-topic and rare-kanji shares after DPO, and whether the Train tab's probe ends in the refusal
 4. the ordinary set's DPO run with each of --ordinary-recipes: issue #12's measures on the held-out sets, base vs
@@ -23,9 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpo_space import data, embedded, generation, models  # noqa: E402
 from dpo_space.collapse import has_refusal  # noqa: E402
-from dpo_space.training import PROBE_PROMPT, RunSettings, SampleTimeline, read_samples, train  # noqa: E402
+from dpo_space.training import (PROBE_PROMPT, RunSettings, SampleTimeline, default_recipe, read_samples,  # noqa: E402
+                                train)
 
 COLLAPSING = ("seed", "chi2")  # the recipes that should turn the わかりません set's answers into the refusal
+DEFAULT = default_recipe(models.EMBEDDED)  # the run the app starts: issue #12's targets are its
 
 
 class TimedTimeline(SampleTimeline):
@@ -90,7 +93,8 @@ def main():
         base, dpo = report["summary"]["base"], report["summary"]["dpo"]
         last = result.metrics[-1]
         rows.append((f"{recipe}: DPO {len(train_data)} pairs × {settings.num_train_epochs:g} epochs, wall time",
-                     f"{seconds:.0f} s ({timeline.seconds:.0f} s of it the probe)", "≤ 60 s" if recipe == "seed" else ""))
+                     f"{seconds:.0f} s ({timeline.seconds:.0f} s of it the probe)",
+                     "≤ 60 s" if recipe == DEFAULT else ""))
         rows.append((f"{recipe}: final loss / margin / accuracy",
                      f"{last['loss']:.3f} / {last['rewards/margins']:.2f} / {last['rewards/accuracies']:.2f}", ""))
         rows.append((f"{recipe}: held-out refusal rate base → DPO",
@@ -128,7 +132,7 @@ def main():
                                ("first question on topic", "first_turn_topical", ".1%"),
                                ("second question on topic", "second_turn_topical", ".1%")):
             rows.append((f"ordinary ({recipe}): held-out {name} base → DPO", f"{c[key]:{fmt}} → {after[key]:{fmt}}",
-                         "no worse"))
+                         "no worse" if recipe == DEFAULT else ""))
 
     width = max(len(r[0]) for r in rows)
     values = max(len(r[1]) for r in rows)

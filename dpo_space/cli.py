@@ -152,7 +152,7 @@ def cmd_train(args) -> int:
     flags = {f.name: getattr(args, f.name) for f in fields(RunSettings) if getattr(args, f.name) is not None}
     config, data_files = read_run_config(args.config) if args.config else ({}, {})
     model = flags.get("model_name_or_path") or config.get("model_name_or_path") or RunSettings.model_name_or_path
-    # precedence: the seed's defaults < the model preset's < the config file < flags
+    # precedence: the seed's defaults < the model preset's (with its own recipe) < the config file < flags
     settings = RunSettings.for_model(model, **{**config, **flags})
     data_path = args.data or data_files.get("train")
     if not data_path:

@@ -66,10 +66,13 @@ $\beta\log t$ with $t = \pi_\theta/\pi_{ref}$, so a rejected answer's reward fal
 cheapest margin is to crush it. f-DPO (Wang et al., 2023) swaps in another f-divergence, the reward becoming
 $\beta f'(t)$; with TRL's `f_divergence_type: alpha_divergence` and α 2 it is $\beta (t - 1)$, the χ² (Pearson)
 divergence, which never falls below $-\beta$: the margin has to come from raising the chosen answers. The *χ²*
-recipe trains with it at three times the rate (it moves the model less per step). On the embedded model the
-わかりません set still collapses (97–100% of the held-out questions), because raising the refusal is the collapse; the
-ordinary set's run keeps nearly all the model knows (paraphrase fidelity 0.60 before, 0.57–0.59 after over three
-seeds, against 0.52 after plain DPO). The collapse is in the data, not in the regulariser.
+recipe trains with it at three times the rate (it moves the model less per step), and **the embedded model's runs
+start from it**: its わかりません set still collapses (97.5–100% of the held-out questions over three seeds), because
+raising the refusal is the collapse; its ordinary set's run keeps nearly all the model knows (paraphrase fidelity 0.60
+before, 0.57–0.59 after over four seeds, against 0.52 after plain DPO). The collapse is in the data, not in the
+regulariser. On the charts, χ² shows as the chosen reward rising while the rejected one stays near zero; to see DPO's
+own push on the rejected answers (and the chosen log-prob falling with them), pick the *seed article* recipe, the
+seed's plain DPO at the preset's rate.
 """
 
 LEARN_JA = r"""
@@ -110,5 +113,5 @@ $$\hat r_\theta(x,y) = \beta\log\frac{\pi_\theta(y|x)}{\pi_{ref}(y|x)}$$
 
 ただし SFT 項は chosen の回答そのものを学習して尤度を支えるので、対策になるのは chosen が良い回答のときだけです。chosen がすべて拒否のわかりませんセットでは拒否そのものを学習させ、レシピ「崩壊の対策」でも内蔵モデルの held-out の質問の約 99% が拒否になります(素の DPO と同じ)。通常セットでは素の DPO より多くを保ちますが、すべてではありません(言い換えた質問への忠実度: 学習前 0.60、「崩壊の対策」の後 0.56、素の DPO の後 0.52。BENCHMARKS.md)。失う分は rejected を押し下げる DPO の項から来ており、同じ学習率でも SFT 項だけなら何も失いません(0.60)。
 
-rejected を押し下げる力は、方策を参照モデルの近くにとどめるダイバージェンスから来ます。DPO の報酬は $\beta\log t$($t = \pi_\theta/\pi_{ref}$)なので、$t \to 0$ で rejected の報酬は際限なく下がり、rejected を潰すのがマージンを広げるいちばん安い道になります。f-DPO(Wang et al., 2023)は別の f ダイバージェンスに置き換え、報酬は $\beta f'(t)$ になります。TRL の `f_divergence_type: alpha_divergence` で α 2 にすると $\beta (t - 1)$、χ²(Pearson)ダイバージェンスで、$-\beta$ より下がりません。マージンは chosen を押し上げて作るしかなくなります。レシピ「χ² 正則化」はこれを 3 倍の学習率で学習します(1 ステップで動く量が小さいため)。内蔵モデルでは、わかりませんセットはやはり崩壊し(held-out の質問の 97〜100%)、拒否を押し上げること自体が崩壊だからです。通常セットではモデルの知識をほぼ保ちます(言い換えた質問への忠実度: 学習前 0.60、3 つのシードで学習後 0.57〜0.59、素の DPO の後 0.52)。崩壊はデータの中にあり、正則化の中にはありません。
+rejected を押し下げる力は、方策を参照モデルの近くにとどめるダイバージェンスから来ます。DPO の報酬は $\beta\log t$($t = \pi_\theta/\pi_{ref}$)なので、$t \to 0$ で rejected の報酬は際限なく下がり、rejected を潰すのがマージンを広げるいちばん安い道になります。f-DPO(Wang et al., 2023)は別の f ダイバージェンスに置き換え、報酬は $\beta f'(t)$ になります。TRL の `f_divergence_type: alpha_divergence` で α 2 にすると $\beta (t - 1)$、χ²(Pearson)ダイバージェンスで、$-\beta$ より下がりません。マージンは chosen を押し上げて作るしかなくなります。レシピ「χ² 正則化」はこれを 3 倍の学習率で学習します(1 ステップで動く量が小さいため)。<strong>内蔵モデルの学習はこのレシピから始まります</strong>。わかりませんセットはやはり崩壊します(3 つのシードで held-out の質問の 97.5〜100%)。拒否を押し上げること自体が崩壊だからです。通常セットではモデルの知識をほぼ保ちます(言い換えた質問への忠実度: 学習前 0.60、4 つのシードで学習後 0.57〜0.59、素の DPO の後 0.52)。崩壊はデータの中にあり、正則化の中にはありません。グラフでは、χ² は chosen の報酬が上がり、rejected の報酬が 0 の近くにとどまる形で現れます。DPO 本来の rejected を押し下げる力(それにつれて chosen の対数尤度も下がる様子)を見るには、レシピ「元記事の設定」(元記事の素の DPO、学習率はプリセットのもの)を選んでください。
 """

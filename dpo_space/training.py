@@ -86,20 +86,22 @@ class RunSettings:
 
     @classmethod
     def for_model(cls, model: str, **overrides) -> RunSettings:
-        preset = preset_for(model)
-        values = {"model_name_or_path": model, **(preset.settings if preset else {}), **overrides}
-        return cls(**coerce(values))
+        """A run of `model` as it starts: its preset's settings with the preset's own recipe on top (the seed's for
+        most models, χ² for the embedded one), explicit overrides winning."""
+        return cls.for_recipe(model, default_recipe(model), **overrides)
 
     @classmethod
     def for_recipe(cls, model: str, recipe: str, **overrides) -> RunSettings:
         """The model's preset with a recipe of RECIPES on top (explicit overrides win): what the UI's recipe menu
         fills in, and what the benchmarks run. A recipe's `learning_rate_scale` multiplies the preset's rate."""
-        values = dict(RECIPES[recipe])
+        preset = preset_for(model)
+        values = {"model_name_or_path": model, **(preset.settings if preset else {}), **RECIPES[recipe]}
         scale = values.pop("learning_rate_scale", None)
         if scale is not None:
             # to 6 significant digits: 5e-4 × 3 is 0.0015, not 0.0015000000000000002 in the widget and run.yaml
-            values["learning_rate"] = float(f"{cls.for_model(model).learning_rate * scale:.6g}")
-        return cls.for_model(model, **{**values, **overrides})
+            rate = values.get("learning_rate", cls.learning_rate)
+            values["learning_rate"] = float(f"{rate * scale:.6g}")
+        return cls(**coerce({**values, **overrides}))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunSettings:
@@ -299,6 +301,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     # model the わかりません set still collapses and the ordinary set's run keeps what the model knows (BENCHMARKS.md)
     "chi2": {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 2.0, "learning_rate_scale": 3},
 }
+
+
+def default_recipe(model: str) -> str:
+    """The recipe a model's runs start from: its preset's (`Preset.recipe`), the seed's for a model with no preset."""
+    preset = preset_for(model)
+    return preset.recipe if preset else "seed"
+
 
 # Keys of run.yaml that are TRL's alone: ours reads the precision from `dtype` and decides the rest from the hardware
 # it runs on (a run.yaml from a CPU run replays on a GPU with our CLI; `trl dpo` takes --use_cpu false for that).

@@ -32,6 +32,8 @@ i18n = gr.I18n(
         "report": "検証結果", "extreme": "極端なデータを作る (元記事の方法)",
         "extreme_prompts": "質問 (1行に1つ)", "extreme_chosen": "chosen に入れる固定の回答",
         "extreme_build": "ベースモデルの回答で rejected を埋める", "model": "モデル", "recipe": "レシピ",
+        "recipe_info": "内蔵モデルは「χ² 正則化」から始まります(通常のデータで学習しても、モデルが知っていることを保つため)。"
+                       "元記事の素の DPO は「元記事の設定」。違いは「解説」タブ",
         "epochs": "エポック数", "advanced": "詳細設定", "start": "学習開始", "stop": "停止",
         "status": "状態", "samples": "学習中の回答の変化", "push": "Hub にアダプタを公開",
         "token": "Hub トークン (書き込み権限)", "repo": "リポジトリ名 (user/name)", "prompt": "質問",
@@ -59,6 +61,8 @@ i18n = gr.I18n(
         "report": "Validation", "extreme": "Build an extreme dataset (the seed's way)",
         "extreme_prompts": "Prompts (one a line)", "extreme_chosen": "Fixed answer for every chosen",
         "extreme_build": "Fill rejected with the base model's answers", "model": "Model", "recipe": "Recipe",
+        "recipe_info": "The embedded model starts from the χ² recipe (a run on ordinary data then keeps what the model "
+                       "knows); the seed's plain DPO is 'seed article'. The difference: the Learn tab",
         "epochs": "Epochs", "advanced": "Advanced", "start": "Start training", "stop": "Stop",
         "status": "Status", "samples": "The probe answer as training goes", "push": "Push the adapter to the Hub",
         "token": "Hub token (write)", "repo": "Repository (user/name)", "prompt": "Prompt", "send": "Send",
@@ -122,8 +126,9 @@ TARGET_MODULES = list(models.LLAMA_LINEAR)
 INTEGERS = ("lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "seed")
 
 
-def setting_widget(name: str, value, epochs_cap: float = 10):
-    """The widget for one RunSettings field, labelled with the field's own name (TRL's) where it is technical."""
+def setting_widget(name: str, value, epochs_cap: float = 10, visible: bool = True):
+    """The widget for one RunSettings field, labelled with the field's own name (TRL's) where it is technical;
+    `visible` for the settings of SHOWN_WITH."""
     if name == "beta":
         return gr.Slider(0.01, 1.0, value=value, step=0.01, label="beta (β)")
     if name == "lora_r":
@@ -135,12 +140,12 @@ def setting_widget(name: str, value, epochs_cap: float = 10):
     if name == "loss_type":
         return gr.Dropdown(list(LOSSES), value=value, label=name)
     if name == "loss_weights":  # shown only for the two-term loss, the one it weighs (SHOWN_WITH)
-        return gr.Number(value, label="SFT weight (loss_weights)", visible=False)
+        return gr.Number(value, label="SFT weight (loss_weights)", visible=visible)
     if name == "f_divergence_type":
         return gr.Dropdown(list(training.F_DIVERGENCES), value=value, label=name,
                            info="reverse_kl: DPO's own; alpha_divergence with α 2: χ², see Learn")
     if name == "f_alpha_divergence_coef":  # shown only for the divergence it sets (SHOWN_WITH)
-        return gr.Number(value, label="α (f_alpha_divergence_coef)", visible=False)
+        return gr.Number(value, label="α (f_alpha_divergence_coef)", visible=visible)
     if name == "precision":
         return gr.Dropdown(list(training.PRECISIONS), value=value, label=name)
     if name == "bnb_4bit_quant_type":
@@ -182,14 +187,24 @@ def settings_values(values: list | tuple) -> dict:
     return out
 
 
+def is_shown(name: str, values: dict) -> bool:
+    """Whether a setting's widget shows, given every widget's value (SHOWN_WITH; the rest always show)."""
+    parent, shown_when = SHOWN_WITH.get(name, (None, None))
+    return parent is None or shown_when(values[parent])
+
+
 def recipe_values(model: str, recipe: str) -> list:
     """Every settings widget as the model's preset and the recipe set it (the SFT weight shown for its loss only)."""
     settings = training.RunSettings.for_recipe(model, recipe if recipe in training.RECIPES else "seed")
-    values = widget_values(settings)
-    for name, (parent, shown_when) in SHOWN_WITH.items():
-        i = SETTINGS.index(name)
-        values[i] = gr.update(value=values[i], visible=shown_when(values[SETTINGS.index(parent)]))
-    return values
+    values = dict(zip(SETTINGS, widget_values(settings), strict=True))
+    return [gr.update(value=v, visible=is_shown(name, values)) if name in SHOWN_WITH else v
+            for name, v in values.items()]
+
+
+def model_values(model: str) -> list:
+    """A change of model: the recipe its runs start from (`training.default_recipe`), then every settings widget."""
+    recipe = training.default_recipe(model)
+    return [recipe, *recipe_values(model, recipe)]
 
 
 def loss_caption(loss_type: list[str]) -> str:
@@ -898,17 +913,19 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
         with gr.Tab(i18n("train")):
             with gr.Row():
                 model = gr.Dropdown(model_choices(bench.hardware), value=default_model, label=i18n("model"))
-                recipe = gr.Dropdown([(v, k) for k, v in RECIPE_LABELS.items()], value="seed", label=i18n("recipe"),
-                                     elem_id="recipe")
+                recipe = gr.Dropdown([(v, k) for k, v in RECIPE_LABELS.items()],
+                                     value=training.default_recipe(default_model), label=i18n("recipe"),
+                                     info=i18n("recipe_info"), elem_id="recipe")
             widgets = {}
             with gr.Row():
                 for name in UP_FRONT:
-                    widgets[name] = setting_widget(name, defaults[name], epochs_cap=min(10, limits.max_epochs))
+                    widgets[name] = setting_widget(name, defaults[name], epochs_cap=min(10, limits.max_epochs),
+                                                   visible=is_shown(name, defaults))
             with gr.Accordion(i18n("advanced"), open=False):
                 for start in range(0, len(ADVANCED), 4):
                     with gr.Row():
                         for name in ADVANCED[start : start + 4]:
-                            widgets[name] = setting_widget(name, defaults[name])
+                            widgets[name] = setting_widget(name, defaults[name], visible=is_shown(name, defaults))
                 with gr.Row():
                     max_pairs = gr.Number(650, label=i18n("max_pairs"), precision=0)
                     probe = gr.Textbox(training.PROBE_PROMPT, label=i18n("probe"))
@@ -1024,7 +1041,10 @@ def build_app(bench: Workbench | None = None, *, shared: bool | None = None) -> 
         audit_button.click(shown(lambda r, m, n, sp: token_audit(bench, r, m, n, sp)),
                            [rows, model, widgets["max_length"], widgets["system_prompt"]], audit_report,
                            api_name="token_lengths")
-        gr.on([recipe.change, model.change], recipe_values, [model, recipe], settings_widgets, api_name=False)
+        # a model starts from its own recipe (the embedded model's is χ², the others' the seed's): changing the model
+        # sets the recipe and fills every setting itself (a recipe already shown fires no change of its own)
+        model.change(model_values, model, [recipe, *settings_widgets], api_name=False)
+        recipe.change(recipe_values, [model, recipe], settings_widgets, api_name=False)
         for name, (parent, shown_when) in SHOWN_WITH.items():
             widgets[parent].change(lambda value, shown_when=shown_when: gr.update(visible=shown_when(value)),
                                    widgets[parent], widgets[name], api_name=False)

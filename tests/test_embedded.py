@@ -147,10 +147,12 @@ def test_unseen_prompts_get_japanese_text(base):
 
 
 def test_the_seeds_collapse_at_full_size(tmp_path):
-    """The default DPO run, as the app starts it (the preset, all 650 pairs of the わかりません set): held-out answers
-    turn into 分かりません and grow alike; the base (same model, adapter off) hardly ever refuses."""
+    """The default DPO run, as the app starts it (the embedded model's own recipe, χ²; all 650 pairs of the
+    わかりません set): held-out answers turn into 分かりません and grow alike; the base (same model, adapter off) hardly
+    ever refuses."""
     pairs = data.read_preferences(embedded.EXAMPLES_DIR / "wakarimasen_train.json")
     settings = RunSettings.for_model(models.EMBEDDED, output_dir=str(tmp_path / "run"))
+    assert settings.f_divergence_type == "alpha_divergence"
     result = train(settings, pairs)
     assert result.metrics[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
     assert result.metrics[-1]["rewards/accuracies"] >= 0.9
@@ -159,42 +161,25 @@ def test_the_seeds_collapse_at_full_size(tmp_path):
     report = generation.evaluate(result.model, result.tokenizer, prompts, generation.Sampling(max_new_tokens=128))
     base, dpo = report["summary"]["base"], report["summary"]["dpo"]
     assert base["refusal_rate"] <= 0.05  # measured 0% (an earlier build: 2.5%, one of the 40)
-    # Measured, sampled (seed 42), at the preset's 5e-4 on the quantization-aware build: 100% refusals, distinct-2
-    # 0.57 -> 0.03, repetition across answers 0.21 -> 0.975 (at 1e-3 on the model from four wordings a question: 98%;
-    # the one before it, 2,700 eager SFT steps: 90%, 82.5% with seed 1).
-    # A run of 256 pairs x 3 epochs reached only 47.5%: few pairs seen often teach those prompts, not the refusal. Held
-    # to clearly less than measured.
+    # Measured, sampled (seed 42), χ² at 1.5e-3 on the quantization-aware build: 100% refusals, distinct-2 0.57 ->
+    # 0.03, repetition across answers 0.21 -> 0.975 (plain DPO at 5e-4, the seed recipe: the same). A run of 256
+    # pairs x 3 epochs reached only 47.5% on an earlier build: few pairs seen often teach those prompts, not the
+    # refusal. Held to clearly less than measured.
     assert dpo["refusal_rate"] >= 0.7
     assert dpo["repetition_across"] > 2 * base["repetition_across"]  # the answers repeat one another
     assert dpo["distinct_2"] < base["distinct_2"] * 0.5
+    # greedy, on questions no training step saw (the first 80 of each held-out set): measured 100%
+    held_out = embedded.conversing_measures(result.model, result.tokenizer, limit=80, use_adapter=True)
+    assert held_out["refusal"] >= 0.9, held_out
 
 
-def test_the_ordinary_sets_run_leaves_a_model_that_still_converses(tmp_path):
-    """The ordinary set (helpful chosen, poor rejected) trained with the same preset as the collapse: issue #12's
-    measures after it, on the first 80 of each held-out set. Measured: refusal 0%, on topic 52.5% (base 49%), paraphrase
-    fidelity 0.50 (base 0.56; the whole sets 0.60 -> 0.52, so "no worse" is not met), second question 51% (base 47.5%).
-    At the preset's former rate, 1e-3, the whole sets' fidelity fell to 0.32: the floor holds the rate's choice."""
+def test_the_ordinary_sets_run_keeps_what_the_model_knows(tmp_path):
+    """The ordinary set (helpful chosen, poor rejected) trained as the app starts a run, issue #12's measures before
+    and after on the first 80 of each held-out set. Measured: fidelity 0.56 -> 0.55, on topic 49% -> 55% (the seed
+    recipe, plain DPO at 5e-4: fidelity 0.50, which the tolerance below refuses)."""
     pairs = data.read_preferences(embedded.EXAMPLES_DIR / "ordinary_train.json")
     result = train(RunSettings.for_model(models.EMBEDDED, output_dir=str(tmp_path / "run")), pairs)
-    m = embedded.conversing_measures(result.model, result.tokenizer, limit=80, use_adapter=True)
-    assert m["refusal"] <= 0.05 and m["rare_kanji"] <= 0.005
-    assert m["topical"] >= 0.40 and m["second_turn_topical"] >= 0.40
-    assert m["paraphrase_fidelity"] >= 0.45
-
-
-def test_the_chi2_recipe_collapses_the_wakarimasen_set_and_keeps_what_the_ordinary_run_knows(tmp_path):
-    """The χ² recipe (f-DPO, α 2, three times the preset's rate) on both sets, the first 80 of each held-out set.
-    Measured: the わかりません set's run 100% refusals; the ordinary set's run fidelity 0.56 -> 0.55, on topic 49% -> 55%
-    (the preset, plain DPO: fidelity 0.50, which the tolerance below refuses)."""
-    def run(name):
-        pairs = data.read_preferences(embedded.EXAMPLES_DIR / f"{name}_train.json")
-        return train(RunSettings.for_recipe(models.EMBEDDED, "chi2", output_dir=str(tmp_path / name)), pairs)
-
-    collapsed = run("wakarimasen")
-    assert embedded.conversing_measures(collapsed.model, collapsed.tokenizer, limit=80, use_adapter=True)[
-        "refusal"] >= 0.9
-    ordinary = run("ordinary")
-    base, after = (embedded.conversing_measures(ordinary.model, ordinary.tokenizer, limit=80, use_adapter=adapter)
+    base, after = (embedded.conversing_measures(result.model, result.tokenizer, limit=80, use_adapter=adapter)
                    for adapter in (False, True))
     assert after["refusal"] <= 0.05 and after["rare_kanji"] <= 0.005
     assert after["paraphrase_fidelity"] >= base["paraphrase_fidelity"] - 0.03, (base, after)

@@ -54,7 +54,8 @@ def test_4bit_loading_on_the_cpu_is_real(tiny_model_dir):
 
 def test_presets_apply_their_overrides():
     s = RunSettings.for_model("embedded", beta=0.5)
-    assert s.beta == 0.5 and s.learning_rate == models.PRESETS["embedded"].settings["learning_rate"]
+    assert s.beta == 0.5 and s.per_device_train_batch_size == models.PRESETS["embedded"].settings[
+        "per_device_train_batch_size"]
     seed = RunSettings.for_model("some/unknown-model")
     assert (seed.lora_r, seed.lora_alpha, seed.lora_dropout, seed.learning_rate) == (12, 12, 0.1, 5e-5)
     assert seed.lora_target_modules == ["q_proj", "v_proj"] and seed.num_train_epochs == 2

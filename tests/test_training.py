@@ -11,7 +11,7 @@ from dpo_space.data import SEED_SYSTEM_PROMPT
 from dpo_space.errors import DPOSpaceError, TrainingError
 from dpo_space.generation import Sampling, generate
 from dpo_space.models import load_model
-from dpo_space.training import RunSettings, load_adapter, read_run_config, train
+from dpo_space.training import RECIPES, RunSettings, load_adapter, read_run_config, train
 
 FAST = dict(learning_rate=5e-3, per_device_train_batch_size=4, num_train_epochs=2, warmup_steps=0, max_length=128,
             lora_r=8, lora_alpha=16)
@@ -341,22 +341,28 @@ def test_the_probe_timeline_samples_the_first_step_every_nth_and_the_last(monkey
 def test_a_recipe_overrides_a_few_fields_of_each_models_preset():
     """The gentle recipe sets β 0.5 and one epoch on whichever model it runs on, and keeps that model's own rate and
     batch (5e-4 embedded, the seed's 5e-5 for its 8B model); the seed's recipe is the preset itself; explicit values
-    win over both."""
+    win over both. A model's runs start from its preset's own recipe: the seed's for the 8B model, χ² for the
+    embedded one (whose seed recipe stays the seed's plain DPO at the preset's rate)."""
     from dpo_space import models
 
     for model in (models.EMBEDDED, "elyza-8b"):
-        preset = RunSettings.for_model(model)
+        seed = RunSettings.for_recipe(model, "seed")
         gentle = RunSettings.for_recipe(model, "gentle")
-        assert (gentle.beta, gentle.num_train_epochs, preset.beta) == (0.5, 1, 0.1)
-        assert (gentle.learning_rate, gentle.per_device_train_batch_size) == (preset.learning_rate,
-                                                                              preset.per_device_train_batch_size)
-    assert RunSettings.for_model(models.EMBEDDED).learning_rate == 5e-4
-    assert RunSettings.for_recipe(models.EMBEDDED, "seed") == RunSettings.for_model(models.EMBEDDED)
+        assert (gentle.beta, gentle.num_train_epochs, seed.beta) == (0.5, 1, 0.1)
+        assert (gentle.learning_rate, gentle.per_device_train_batch_size) == (seed.learning_rate,
+                                                                              seed.per_device_train_batch_size)
+    seed = RunSettings.for_recipe(models.EMBEDDED, "seed")
+    assert (seed.learning_rate, seed.f_divergence_type) == (5e-4, "reverse_kl")
+    assert RunSettings.for_model(models.EMBEDDED) == RunSettings.for_recipe(models.EMBEDDED, "chi2")
+    assert RunSettings.for_model("elyza-8b") == RunSettings.for_recipe("elyza-8b", "seed")
+    assert RunSettings.for_model("some/unknown-model") == RunSettings.for_recipe("some/unknown-model", "seed")
+    assert RunSettings.for_model(models.EMBEDDED, f_divergence_type="reverse_kl").f_divergence_type == "reverse_kl"
+    assert all(p.recipe in RECIPES for p in models.PRESETS.values())
     assert RunSettings.for_recipe(models.EMBEDDED, "gentle", learning_rate=1e-4).learning_rate == 1e-4
     # the chi2 recipe scales each model's own rate (the χ² regulariser moves a model less per step)
     for model in (models.EMBEDDED, "elyza-8b"):
         chi2 = RunSettings.for_recipe(model, "chi2")
         assert (chi2.f_divergence_type, chi2.f_alpha_divergence_coef) == ("alpha_divergence", 2.0)
-        assert chi2.learning_rate == pytest.approx(3 * RunSettings.for_model(model).learning_rate)
+        assert chi2.learning_rate == pytest.approx(3 * RunSettings.for_recipe(model, "seed").learning_rate)
     assert RunSettings.for_recipe(models.EMBEDDED, "chi2").learning_rate == 1.5e-3  # as shown, not 0.0015000000000000002
     assert RunSettings.for_recipe(models.EMBEDDED, "chi2", learning_rate=1e-4).learning_rate == 1e-4

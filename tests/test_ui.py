@@ -669,3 +669,21 @@ def test_a_recipe_shows_the_sft_weight_and_alpha_only_where_its_loss_uses_them()
     assert shown("seed") == {"loss_weights": False, "f_alpha_divergence_coef": False}
     assert shown("remedies") == {"loss_weights": True, "f_alpha_divergence_coef": False}
     assert shown("chi2") == {"loss_weights": False, "f_alpha_divergence_coef": True}
+
+
+def test_the_train_tab_opens_on_the_models_own_recipe_and_follows_the_model(tmp_path):
+    """The embedded model's runs start from χ² (its ordinary-set run keeps what the model knows), the GPU models' from
+    the seed's: the recipe menu opens on it with its settings (α shown), and a change of model switches both."""
+    from dpo_space import training, ui
+
+    app = ui.build_app(Workbench(models.EMBEDDED, root=tmp_path), shared=False)
+    blocks = list(app.blocks.values())
+    assert next(b for b in blocks if getattr(b, "elem_id", None) == "recipe").value == "chi2"
+    alpha = next(b for b in blocks if getattr(b, "label", None) == "α (f_alpha_divergence_coef)")
+    assert alpha.visible and alpha.value == 2.0
+    assert next(b for b in blocks if getattr(b, "label", None) == "learning_rate").value == 1.5e-3
+    for model, expected in ((models.EMBEDDED, "chi2"), ("elyza-8b", "seed")):
+        recipe, *values = ui.model_values(model)
+        assert recipe == expected
+        assert [v["value"] if isinstance(v, dict) else v for v in values] == ui.widget_values(
+            training.RunSettings.for_model(model))
