@@ -104,8 +104,9 @@ LOSSES = {"sigmoid (DPO)": ["sigmoid"], "ipo": ["ipo"], "hinge": ["hinge"], "rob
 CHART_HELP = {
     "margin": "Reward margin = reward(chosen) − reward(rejected). It grows while the model learns the preference.",
     "accuracy": "Share of pairs in the batch whose chosen reward beats the rejected one.",
-    "rewards": "Implicit rewards β·log πθ/πref. A falling chosen reward is normal while the margin grows: "
-               "DPO pushes the rejected answer down faster.",
+    "rewards": "Implicit rewards β·log πθ/πref. Under plain DPO a falling chosen reward is normal while the margin "
+               "grows: the rejected answer is pushed down faster. Under χ² (where the embedded model starts) pushing "
+               "the rejected answer down gains little (its score cannot fall below −β): the chosen reward rises.",
     "logps": "log πθ(chosen) and log πθ(rejected), summed over each answer's tokens. Both may fall while the margin "
              "grows (likelihood displacement, see Learn): the probability goes to answers in neither column.",
 }
