@@ -39,7 +39,8 @@ class RunSettings:
     """Everything a run needs, and the one list of them: the CLI's flags, the app's widgets and run.yaml are all keyed
     by these names, which are TRL's own (`ModelConfig`, `DPOConfig`), so a saved run.yaml replays with
     `python -m dpo_space train --config run.yaml` and with `trl dpo --config run.yaml`. Defaults are the seed
-    article's; `for_model` applies a preset's overrides, a recipe overrides those."""
+    article's; a preset overrides them, a recipe overrides the preset (`for_recipe`), and `for_model` is the model
+    with its preset's own recipe (`Preset.recipe`), as its runs start."""
 
     # the model and its adapter (trl.ModelConfig)
     model_name_or_path: str = EMBEDDED
